@@ -1,0 +1,44 @@
+"""Exception hierarchy: misuse (config, profiles), rejected data, dependency failure."""
+
+from __future__ import annotations
+
+__all__ = ["GatewayError", "ConfigError", "ProfileError", "RejectError", "SinkError"]
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The gateway configuration is invalid; start-up stops with this message."""
+
+
+class ProfileError(GatewayError):
+    """A device profile is invalid; the message names the file and the key."""
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+
+
+class RejectError(GatewayError):
+    """An envelope breaks a rule of the contract and is rejected whole.
+
+    ``reason`` is ``field.path: message`` (or a bare message when no single field is at fault).
+    ``device_id`` is set when it could be read from the payload or the topic.
+    """
+
+    def __init__(self, reason: str, device_id: str | None = None) -> None:
+        self.reason = reason
+        self.device_id = device_id
+        super().__init__(reason)
+
+
+class SinkError(GatewayError):
+    """A write to storage failed; ``retriable`` says whether the same write may succeed later."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        self.retriable = retriable
+        super().__init__(message)

@@ -1,0 +1,191 @@
+"""Wire structs (what devices send) and the internal column batches the checks work on.
+
+The wire structs mirror PROTOCOL section 1 and are decoded once, at the edge, by
+``gateway.decode``. Everything after decoding works on numpy columns.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Callable, Literal
+
+import msgspec
+import numpy as np
+from msgspec import Meta, Struct
+
+__all__ = [
+    "DEVICE_ID_PATTERN",
+    "Flag",
+    "FLAG_NAMES",
+    "ARTIFACT_FLAGS",
+    "Numeric",
+    "Waveform",
+    "Envelope",
+    "RawMessage",
+    "NumericColumns",
+    "WaveformColumns",
+    "AlertEvent",
+]
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+# Epoch milliseconds from 1970 to the end of year 9999: the range PostgreSQL and RFC 3339 share.
+_MAX_MS = 253_402_300_799_999
+
+EpochMs = Annotated[int, Meta(ge=0, le=_MAX_MS)]
+Timestamp = EpochMs | Annotated[datetime, Meta(tz=True)]
+DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
+
+
+class Flag(enum.IntFlag):
+    """Quality flags stored in ``flags`` columns (PROTOCOL section 3)."""
+
+    OUT_OF_RANGE = 1
+    SPIKE = 2
+    FLATLINE = 4
+    GAP = 8
+    CLOCK_FUTURE = 16
+    CLOCK_STALE = 32
+    OUT_OF_ORDER = 64
+    NOT_FINITE = 128
+
+
+FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in Flag)  # type: ignore[misc]
+# Readings carrying any of these are artifacts: they never feed physiological alert rules.
+ARTIFACT_FLAGS = int(Flag.OUT_OF_RANGE | Flag.SPIKE | Flag.NOT_FINITE)
+
+
+class Numeric(Struct, frozen=True):
+    """One timestamped set of numeric values: metric name -> number."""
+
+    t: Timestamp
+    values: dict[str, float]
+
+
+class Waveform(Struct, frozen=True):
+    """One fixed-rate block of samples of one waveform metric; sample i is at t0 + i/hz."""
+
+    metric: str
+    t0: Timestamp
+    hz: Annotated[float, Meta(gt=0)]
+    samples: list[float]
+
+
+class Envelope(Struct, frozen=True):
+    """The telemetry envelope, version 1. Unknown fields are ignored (forward compatible)."""
+
+    v: int
+    device_id: DeviceId
+    seq: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    profile: str | None = None
+    firmware: Annotated[str, Meta(max_length=128)] | None = None
+    sent_at: Timestamp | None = None
+    numerics: list[Numeric] = []
+    waveforms: list[Waveform] = []
+
+
+Source = Literal["mqtt", "https", "replay"]
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """A payload as it arrived, before decoding.
+
+    ``ack`` is called once the payload's outcome (rows or quarantine entry) is committed;
+    ``nack`` when it could not be, so the transport can redeliver it later.
+    """
+
+    payload: bytes
+    source: Source
+    principal: str | None
+    topic_or_path: str
+    received_at_ms: int
+    content_type: str | None = None
+    topic_device_id: str | None = None
+    ack: Callable[[], None] | None = None
+    nack: Callable[[], None] | None = None
+    context: Any = None
+
+
+@dataclass(slots=True)
+class NumericColumns:
+    """Numeric readings of a batch, one entry per reading, in arrival order.
+
+    ``device``, ``metric`` and ``profile`` are object arrays of ``str``; ``t`` and
+    ``received_at`` are epoch milliseconds; ``env`` is the index of the envelope in the
+    batch the reading came from.
+    """
+
+    device: np.ndarray
+    metric: np.ndarray
+    profile: np.ndarray
+    t: np.ndarray
+    value: np.ndarray
+    received_at: np.ndarray
+    env: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @classmethod
+    def empty(cls) -> NumericColumns:
+        obj = np.empty(0, dtype=object)
+        i64 = np.empty(0, dtype=np.int64)
+        return cls(obj, obj, obj, i64, np.empty(0, dtype=np.float64), i64, np.empty(0, dtype=np.int32))
+
+
+@dataclass(slots=True)
+class WaveformColumns:
+    """Waveform blocks of a batch, one entry per block, in arrival order.
+
+    Samples of all blocks are concatenated in ``samples``; block ``i`` owns
+    ``samples[offsets[i]:offsets[i + 1]]`` (``offsets`` has one more entry than blocks).
+    """
+
+    device: np.ndarray
+    metric: np.ndarray
+    profile: np.ndarray
+    t0: np.ndarray
+    hz: np.ndarray
+    received_at: np.ndarray
+    env: np.ndarray
+    offsets: np.ndarray
+    samples: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t0)
+
+    @classmethod
+    def empty(cls) -> WaveformColumns:
+        obj = np.empty(0, dtype=object)
+        i64 = np.empty(0, dtype=np.int64)
+        return cls(
+            obj, obj, obj, i64, np.empty(0, dtype=np.float64), i64,
+            np.empty(0, dtype=np.int32), np.zeros(1, dtype=np.int64), np.empty(0, dtype=np.float64),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class AlertEvent:
+    """An alert episode opening or closing (PROTOCOL sections 2 and 4).
+
+    ``at`` is epoch milliseconds; ``env`` is the batch index of the envelope whose reading
+    opened or closed it (``None`` for events raised by the clock, such as ``silent``).
+    """
+
+    event: Literal["open", "close"]
+    device_id: str
+    rule: str
+    priority: str
+    metric: str | None
+    at: int
+    value: float | None
+    env: int | None = None
+    profile: str | None = field(default=None, compare=False)
+
+
+def to_builtins(obj: Any) -> Any:
+    """Plain Python structure of a Struct, for JSON output."""
+    return msgspec.to_builtins(obj)
