@@ -1,0 +1,320 @@
+"""Bytes -> validated envelope, or a ``RejectError`` whose reason names the field.
+
+Decoders are built once and reused (msgspec typed decoding). Validation that depends on
+the device profile (metric names and kinds, finiteness, at least one reading, topic
+binding) happens here too, so that everything after this module can trust its input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import chain
+
+import msgspec
+import numpy as np
+
+from gateway.errors import RejectError
+from gateway.model import DEVICE_ID_PATTERN, Envelope, NumericColumns, WaveformColumns
+from gateway.profiles import Profile
+
+__all__ = ["Decoded", "decode", "encoding_of", "to_columns", "DEFAULT_MAX_BYTES"]
+
+DEFAULT_MAX_BYTES = 256 * 1024
+_JSON = msgspec.json.Decoder(Envelope)
+_MSGPACK = msgspec.msgpack.Decoder(Envelope)
+_DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = 1000
+
+_JSON_TYPES = {"application/json", "text/json"}
+_MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+
+
+class _DeviceOnly(msgspec.Struct):
+    device_id: object = None
+
+
+_PEEK_JSON = msgspec.json.Decoder(_DeviceOnly)
+_PEEK_MSGPACK = msgspec.msgpack.Decoder(_DeviceOnly)
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A valid envelope with what the pipeline needs from it, flattened per reading."""
+
+    envelope: Envelope
+    profile: Profile
+    encoding: str
+    sha256: bytes
+    payload_bytes: int
+    # numeric readings of this envelope, in array order
+    num_t: list[int]
+    num_metric: list[str]
+    num_value: list[float]
+    # waveform blocks of this envelope
+    wav_metric: list[str]
+    wav_t0: list[int]
+    wav_hz: list[float]
+    wav_len: list[int]
+
+    @property
+    def device_id(self) -> str:
+        return self.envelope.device_id
+
+    @property
+    def n_numeric(self) -> int:
+        return len(self.num_t)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(self.wav_len)
+
+    @property
+    def latest_t(self) -> int:
+        """The latest reading time (numeric t or waveform block end), epoch ms."""
+        ends = [t0 + int(math.ceil((n - 1) * _MS / hz)) for t0, hz, n in zip(self.wav_t0, self.wav_hz, self.wav_len)]
+        return max(chain(self.num_t, ends))
+
+
+def encoding_of(payload: bytes, content_type: str | None) -> str:
+    """``json`` or ``msgpack``: from the content type when given, else from the first byte."""
+    if content_type:
+        ct = content_type.split(";", 1)[0].strip().lower()
+        if ct in _JSON_TYPES:
+            return "json"
+        if ct in _MSGPACK_TYPES:
+            return "msgpack"
+        raise RejectError(f"content-type: unsupported {ct!r}, expected application/json or application/msgpack")
+    if payload and (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):
+        return "msgpack"
+    return "json"
+
+
+_PATH_RE = re.compile(r"\s*-\s*at\s*`\$([^`]*)`\s*$")
+_TYPE_WORDS = {
+    "float": "number",
+    "int": "integer",
+    "str": "string",
+    "bool": "boolean",
+    "object": "object",
+    "array": "array",
+    "null": "null",
+    "datetime": "RFC 3339 timestamp",
+    "int | datetime": "integer epoch milliseconds or RFC 3339 timestamp",
+    "int | null": "integer or null",
+    "str | null": "string or null",
+}
+
+
+def _word(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return _TYPE_WORDS.get(name, name)
+
+
+def _reason_from(exc: msgspec.ValidationError) -> str:
+    """Rewrite msgspec's ``Expected `float`, got `str` - at `$.a[1].b``` into ``a[1].b: expected number, got string``."""
+    text = str(exc)
+    path = ""
+    m = _PATH_RE.search(text)
+    if m:
+        path = m.group(1).lstrip(".")
+        text = text[: m.start()]
+    missing = re.match(r"Object missing required field `([^`]+)`", text)
+    if missing:
+        field = missing.group(1)
+        return f"{path + '.' if path else ''}{field}: required field missing"
+    if "matching regex" in text and path == "device_id":
+        text = "must match [A-Za-z0-9._-]{1,64}"
+    elif "Invalid RFC3339" in text:
+        text = "invalid RFC 3339 timestamp"
+    elif "datetime` with a timezone" in text or "with a timezone component" in text:
+        text = "RFC 3339 timestamp must carry an offset"
+    text = re.sub(r"`([^`]+)`", _word, text)
+    if text[1:2].islower():
+        text = text[:1].lower() + text[1:]
+    return f"{path or 'payload'}: {text.strip()}"
+
+
+_DICT_VALUE = re.compile(r"^numerics\[(\d+)\]\.values\[\.\.\.\]")
+
+
+def _name_dict_key(reason: str, payload: bytes, encoding: str) -> str:
+    """msgspec reports a bad dict value as ``values[...]``: find which key, for the reason."""
+    m = _DICT_VALUE.match(reason)
+    if not m:
+        return reason
+    try:
+        raw = (msgspec.msgpack.decode if encoding == "msgpack" else msgspec.json.decode)(payload)
+        values = raw["numerics"][int(m.group(1))]["values"]
+        bad = next(k for k, v in values.items() if type(v) not in (int, float))
+    except Exception:  # noqa: BLE001 - best effort: keep msgspec's wording
+        return reason
+    return f"numerics[{m.group(1)}].values.{bad}" + reason[m.end():]
+
+
+def _peek_device_id(payload: bytes, encoding: str) -> str | None:
+    try:
+        peek = (_PEEK_MSGPACK if encoding == "msgpack" else _PEEK_JSON).decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+    dev = peek.device_id
+    if isinstance(dev, str) and _DEVICE_RE.match(dev):
+        return dev
+    return None
+
+
+def _ms(t: int | datetime) -> int:
+    if type(t) is int:
+        return t
+    return (t - _EPOCH) // _ONE_MS  # type: ignore[operator]
+
+
+_ONE_MS = __import__("datetime").timedelta(milliseconds=1)
+
+
+def decode(
+    payload: bytes,
+    *,
+    content_type: str | None,
+    profiles: Mapping[str, Profile],
+    default_profile: str | None = None,
+    topic_device_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Decoded:
+    """Decode and validate one envelope; raise ``RejectError`` naming the field at fault."""
+    size = len(payload)
+    if size > max_bytes:
+        raise RejectError(f"payload: {size} bytes exceeds the limit of {max_bytes} bytes", topic_device_id)
+    if size == 0:
+        raise RejectError("payload: empty", topic_device_id)
+    encoding = encoding_of(payload, content_type)
+    try:
+        env = (_MSGPACK if encoding == "msgpack" else _JSON).decode(payload)
+    except msgspec.ValidationError as exc:
+        reason = _name_dict_key(_reason_from(exc), payload, encoding)
+        raise RejectError(reason, topic_device_id or _peek_device_id(payload, encoding)) from None
+    except msgspec.DecodeError as exc:
+        what = "MessagePack" if encoding == "msgpack" else "JSON"
+        raise RejectError(f"payload: invalid {what}: {exc}", topic_device_id) from None
+    dev = env.device_id
+    if topic_device_id is not None and dev != topic_device_id:
+        raise RejectError(
+            f"device_id: {dev!r} does not match the device id {topic_device_id!r} of the topic", topic_device_id
+        )
+    if env.v != 1:
+        raise RejectError(f"v: unsupported envelope version {env.v}, expected 1", dev)
+    pname = env.profile if env.profile is not None else default_profile
+    if pname is None:
+        raise RejectError("profile: required, the device has no registered profile", dev)
+    profile = profiles.get(pname)
+    if profile is None:
+        raise RejectError(f"profile: unknown profile {pname!r}", dev)
+    if not env.numerics and not env.waveforms:
+        raise RejectError("numerics: at least one reading is required (numerics and waveforms are both empty)", dev)
+
+    metrics = profile.metrics
+    num_t: list[int] = []
+    num_metric: list[str] = []
+    num_value: list[float] = []
+    for i, n in enumerate(env.numerics):
+        values = n.values
+        if not values:
+            raise RejectError(f"numerics[{i}].values: must name at least one metric", dev)
+        for name in values:
+            spec = metrics.get(name)
+            if spec is None:
+                raise RejectError(f"numerics[{i}].values.{name}: unknown metric for profile {pname!r}", dev)
+            if spec.kind != "numeric":
+                raise RejectError(f"numerics[{i}].values.{name}: {name!r} is a waveform metric, send it in waveforms", dev)
+        vals = values.values()
+        if not math.isfinite(sum(vals)):
+            for name, v in values.items():
+                if not math.isfinite(v):
+                    raise RejectError(f"numerics[{i}].values.{name}: expected a finite number, got {v}", dev)
+        num_t.extend([_ms(n.t)] * len(values))
+        num_metric.extend(values.keys())
+        num_value.extend(vals)
+
+    wav_metric: list[str] = []
+    wav_t0: list[int] = []
+    wav_hz: list[float] = []
+    wav_len: list[int] = []
+    for i, w in enumerate(env.waveforms):
+        spec = metrics.get(w.metric)
+        if spec is None:
+            raise RejectError(f"waveforms[{i}].metric: unknown metric {w.metric!r} for profile {pname!r}", dev)
+        if spec.kind != "waveform":
+            raise RejectError(f"waveforms[{i}].metric: {w.metric!r} is a numeric metric, send it in numerics", dev)
+        if not w.samples:
+            raise RejectError(f"waveforms[{i}].samples: must not be empty", dev)
+        if not math.isfinite(w.hz):
+            raise RejectError(f"waveforms[{i}].hz: expected a finite number > 0", dev)
+        wav_metric.append(w.metric)
+        wav_t0.append(_ms(w.t0))
+        wav_hz.append(w.hz)
+        wav_len.append(len(w.samples))
+
+    return Decoded(
+        envelope=env,
+        profile=profile,
+        encoding=encoding,
+        sha256=hashlib.sha256(payload).digest(),
+        payload_bytes=size,
+        num_t=num_t,
+        num_metric=num_metric,
+        num_value=num_value,
+        wav_metric=wav_metric,
+        wav_t0=wav_t0,
+        wav_hz=wav_hz,
+        wav_len=wav_len,
+    )
+
+
+def to_columns(items: Sequence[Decoded], received_at_ms: Sequence[int]) -> tuple[NumericColumns, WaveformColumns]:
+    """Concatenate decoded envelopes into the column batches the checks and the sink use."""
+    if not items:
+        return NumericColumns.empty(), WaveformColumns.empty()
+    n_num = np.fromiter((len(d.num_t) for d in items), dtype=np.int64, count=len(items))
+    n_wav = np.fromiter((len(d.wav_t0) for d in items), dtype=np.int64, count=len(items))
+    devices = np.array([d.envelope.device_id for d in items], dtype=object)
+    profiles = np.array([d.profile.name for d in items], dtype=object)
+    recv = np.asarray(received_at_ms, dtype=np.int64)
+    env_idx = np.arange(len(items), dtype=np.int32)
+
+    num = NumericColumns(
+        device=np.repeat(devices, n_num),
+        metric=np.array(list(chain.from_iterable(d.num_metric for d in items)), dtype=object),
+        profile=np.repeat(profiles, n_num),
+        t=np.fromiter(chain.from_iterable(d.num_t for d in items), dtype=np.int64, count=int(n_num.sum())),
+        value=np.fromiter(chain.from_iterable(d.num_value for d in items), dtype=np.float64, count=int(n_num.sum())),
+        received_at=np.repeat(recv, n_num),
+        env=np.repeat(env_idx, n_num),
+    )
+    total_blocks = int(n_wav.sum())
+    if total_blocks == 0:
+        return num, WaveformColumns.empty()
+    lens = np.fromiter(chain.from_iterable(d.wav_len for d in items), dtype=np.int64, count=total_blocks)
+    offsets = np.zeros(total_blocks + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    samples = np.fromiter(
+        chain.from_iterable(w.samples for d in items for w in d.envelope.waveforms),
+        dtype=np.float64,
+        count=int(offsets[-1]),
+    )
+    wav = WaveformColumns(
+        device=np.repeat(devices, n_wav),
+        metric=np.array(list(chain.from_iterable(d.wav_metric for d in items)), dtype=object),
+        profile=np.repeat(profiles, n_wav),
+        t0=np.fromiter(chain.from_iterable(d.wav_t0 for d in items), dtype=np.int64, count=total_blocks),
+        hz=np.fromiter(chain.from_iterable(d.wav_hz for d in items), dtype=np.float64, count=total_blocks),
+        received_at=np.repeat(recv, n_wav),
+        env=np.repeat(env_idx, n_wav),
+        offsets=offsets,
+        samples=samples,
+    )
+    return num, wav
