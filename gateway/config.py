@@ -1,0 +1,199 @@
+"""Gateway configuration: a TOML file plus ``VITALGATE_*`` environment overrides.
+
+Every knob has a default; ``gateway.sample.toml`` lists them all. ``load()`` validates
+the result with msgspec and raises ``ConfigError`` naming the key (and the environment
+variable, when the value came from one). Loading does no network I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import msgspec
+from msgspec import Meta, Struct
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "DatabaseConfig",
+    "MqttConfig",
+    "HttpConfig",
+    "BatchConfig",
+    "RetryConfig",
+    "ChecksConfig",
+    "ProfilesConfig",
+    "GatewayConfig",
+    "load",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX = "VITALGATE_"
+PosFloat = Annotated[float, Meta(gt=0)]
+PosInt = Annotated[int, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class _Section(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class DatabaseConfig(_Section):
+    url: str = "postgresql://postgres@127.0.0.1:5432/vitalgate"
+    connect_timeout_s: PosFloat = 10.0
+    command_timeout_s: PosFloat = 60.0
+    migrate: bool = True
+
+
+class MqttConfig(_Section):
+    enabled: bool = True
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    client_id: str = ""  # default: vitalgate-{gateway id}
+    topic: str = "devices/+/telemetry"
+    protocol: Literal["5", "3.1.1"] = "5"
+    session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 2000
+    keepalive_s: Annotated[int, Meta(ge=5)] = 30
+    alerts_topic: str = "alerts/{device_id}"
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+class HttpConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8443
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+class BatchConfig(_Section):
+    max_rows: PosInt = 10_000
+    max_bytes: PosInt = 8 * 1024 * 1024
+    max_age_s: PosFloat = 0.2
+
+
+class RetryConfig(_Section):
+    initial_s: PosFloat = 0.2
+    max_s: PosFloat = 10.0
+
+
+class ChecksConfig(_Section):
+    max_clock_skew_s: PosFloat = 60.0
+    max_staleness_s: PosFloat = 86_400.0
+
+
+class ProfilesConfig(_Section):
+    dir: str = "device_profiles"
+    default: str | None = None  # profile for envelopes without one (until devices are registered)
+
+
+class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = ""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_payload_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
+    quarantine_payload_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024
+    max_in_flight: Annotated[int, Meta(ge=1)] = 20_000
+    shutdown_timeout_s: PosFloat = 30.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port = 9464
+    database: DatabaseConfig = DatabaseConfig()
+    mqtt: MqttConfig = MqttConfig()
+    http: HttpConfig = HttpConfig()
+    batch: BatchConfig = BatchConfig()
+    retry: RetryConfig = RetryConfig()
+    checks: ChecksConfig = ChecksConfig()
+    profiles: ProfilesConfig = ProfilesConfig()
+
+    def __post_init__(self) -> None:
+        if not self.mqtt.enabled and not self.http.enabled:
+            raise ValueError("at least one of mqtt.enabled and http.enabled must be true")
+        if self.http.enabled and (self.http.tls_cert is None) != (self.http.tls_key is None):
+            raise ValueError("http.tls_cert and http.tls_key go together")
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"vitalgate-{self.gateway_id}"
+
+
+_SECTIONS = {
+    name: typ
+    for name, typ in GatewayConfig.__annotations__.items()
+    if isinstance(typ, str) and typ.endswith("Config") and typ != "GatewayConfig"
+}
+_TOP_KEYS = set(GatewayConfig.__struct_fields__) - set(_SECTIONS)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``VITALGATE_MQTT_URL`` -> ``{"mqtt": {"url": ...}}``; ``VITALGATE_LOG_LEVEL`` -> top-level key."""
+    out: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        key = var[len(ENV_PREFIX):].lower()
+        if key == "config":
+            continue
+        if key in _TOP_KEYS:
+            out[key] = value
+            origin[(key,)] = var
+            continue
+        section, _, sub = key.partition("_")
+        if section in _SECTIONS and sub:
+            out.setdefault(section, {})[sub] = value
+            origin[(section, sub)] = var
+            continue
+        raise ConfigError(f"{var}: unknown setting (no key {key.replace('_', '.', 1)!r})")
+    return out, origin
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    return merged
+
+
+_AT = re.compile(r"\s*-\s*at\s*`\$\.?([^`]*)`\s*$")
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read ``path`` (optional) and apply environment overrides; validate everything."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = path or environ.get(f"{ENV_PREFIX}CONFIG")
+    if path:
+        try:
+            data = msgspec.toml.decode(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    env, origin = _env_overrides(environ)
+    data = _merge(data, env)
+    try:
+        # Environment values are strings: convert leniently ("10" -> 10, "true" -> True).
+        cfg = msgspec.convert(data, GatewayConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _AT.search(text)
+        key = m.group(1) if m else ""
+        message = text[: m.start()] if m else text
+        var = origin.get(tuple(key.split("."))) if key else None
+        where = f"{var} ({key})" if var else (key or "configuration")
+        src = f"{path}: " if path and not var else ""
+        raise ConfigError(f"{src}{where}: {message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"configuration: {exc}") from None
+    if not cfg.gateway_id:
+        cfg = msgspec.structs.replace(cfg, gateway_id=re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64])
+    return cfg

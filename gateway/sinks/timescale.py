@@ -1,0 +1,278 @@
+"""TimescaleDB sink: one transaction per batch, binary COPY for readings and waveforms.
+
+Deduplication is per envelope, not per reading: ``ingests`` has a unique key on
+(device_id, payload_sha256). A batch first inserts its ingests rows with
+``ON CONFLICT DO NOTHING RETURNING id``; readings and waveform blocks are then copied
+only for the envelopes that got a new id, in the same transaction. A redelivered
+envelope therefore costs one index probe, and readings need no unique index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+import numpy as np
+
+from gateway.errors import SinkError
+from gateway.retry import is_retriable
+from gateway.sinks import WriteBatch
+from gateway.sinks import copybin
+from gateway.sinks.schema import migrate
+
+__all__ = ["TimescaleSink"]
+
+log = logging.getLogger(__name__)
+
+_INSERT_INGESTS = """
+INSERT INTO ingests (received_at, device_id, source, principal, gateway_id, topic_or_path,
+                     payload_sha256, payload_bytes, encoding, profile, profile_version,
+                     firmware, seq, n_readings, n_flagged)
+SELECT timestamptz 'epoch' + r * interval '1 millisecond', d, s, p, $4, tp, h, pb, e, pr, pv, fw, sq, nr, nf
+FROM unnest($1::bigint[], $2::text[], $3::text[], $5::text[], $6::bytea[], $7::int[], $8::text[],
+            $9::text[], $10::text[], $11::text[], $12::bigint[], $13::int[], $14::int[], $15::text[])
+     AS u(r, d, s, tp, h, pb, e, pr, pv, fw, sq, nr, nf, p)
+ON CONFLICT (device_id, payload_sha256) DO NOTHING
+RETURNING id, device_id, payload_sha256
+"""
+
+_INSERT_REJECTED = """
+INSERT INTO rejected (received_at, source, principal, gateway_id, topic_or_path, device_id,
+                      reason, payload_sha256, payload_bytes, payload)
+SELECT timestamptz 'epoch' + r * interval '1 millisecond', s, p, $4, tp, d, why, h, pb, pl
+FROM unnest($1::bigint[], $2::text[], $3::text[], $5::text[], $6::text[], $7::text[], $8::bytea[],
+            $9::int[], $10::bytea[]) AS u(r, s, p, tp, d, why, h, pb, pl)
+"""
+
+_OPEN_ALERT = """
+INSERT INTO alerts (device_id, rule, metric, priority, opened_at, trigger_value, ingest_id)
+VALUES ($1, $2, $3, $4, timestamptz 'epoch' + $5 * interval '1 millisecond', $6, $7)
+ON CONFLICT (device_id, rule) WHERE cleared_at IS NULL DO NOTHING
+"""
+
+_CLOSE_ALERT = """
+UPDATE alerts SET cleared_at = timestamptz 'epoch' + $3 * interval '1 millisecond', clear_value = $4, clear_ingest_id = $5
+WHERE device_id = $1 AND rule = $2 AND cleared_at IS NULL
+"""
+
+_READING_COLUMNS = ["time", "device_id", "metric", "value", "flags", "ingest_id"]
+_WAVEFORM_COLUMNS = ["time", "device_id", "metric", "hz", "samples", "flags", "ingest_id"]
+
+
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    codes: dict[str, int] = {}
+    setdefault = codes.setdefault
+    out = np.fromiter((setdefault(v, len(codes)) for v in values), dtype=np.int64, count=len(values))
+    return out, list(codes)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class TimescaleSink:
+    """Writes ``WriteBatch``es to TimescaleDB through an asyncpg pool."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        gateway_id: str,
+        quarantine_payload_bytes: int = 64 * 1024,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 60.0,
+        run_migrations: bool = True,
+    ) -> None:
+        self._dsn = dsn
+        self._gateway_id = gateway_id
+        self._quarantine_bytes = quarantine_payload_bytes
+        self._connect_timeout = connect_timeout_s
+        self._command_timeout = command_timeout_s
+        self._run_migrations = run_migrations
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=2,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings={"application_name": f"vitalgate:{self._gateway_id}"},
+            )
+            if self._run_migrations:
+                async with self._pool.acquire() as conn:
+                    applied = await migrate(conn)
+                    if applied:
+                        log.info("Database schema migrated.", extra={"versions": applied})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
+            raise SinkError(f"cannot reach the database: {exc}", retriable=is_retriable(exc)) from exc
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        try:
+            await asyncio.wait_for(pool.close(), timeout_s)
+        except (asyncio.TimeoutError, OSError, asyncpg.InterfaceError):
+            pool.terminate()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise SinkError("the sink is not started", retriable=False)
+        return self._pool
+
+    async def known(self, keys: list[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
+        if not keys:
+            return set()
+        pool = self._require_pool()
+        try:
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT device_id, payload_sha256 FROM ingests"
+                    " WHERE (device_id, payload_sha256) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))",
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            raise SinkError(f"duplicate lookup failed: {exc}", retriable=is_retriable(exc)) from exc
+        return {(r[0], bytes(r[1])) for r in rows}
+
+    async def write(self, batch: WriteBatch) -> list[int | None]:
+        pool = self._require_pool()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                ids = await self._write_ingests(conn, batch)
+                if any(i is not None for i in ids):
+                    await self._copy_readings(conn, batch, ids)
+                    await self._copy_waveforms(conn, batch, ids)
+                if batch.rejected:
+                    await self._write_rejected(conn, batch)
+                if batch.alerts:
+                    await self._write_alerts(conn, batch, ids)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            raise SinkError(f"write failed: {exc}", retriable=is_retriable(exc)) from exc
+        return ids
+
+    async def _write_ingests(self, conn: asyncpg.Connection, batch: WriteBatch) -> list[int | None]:
+        items = batch.items
+        n = len(items)
+        if n == 0:
+            return []
+        n_rows = np.bincount(batch.num.env, minlength=n) + np.bincount(batch.wav.env, minlength=n)
+        n_flag = np.bincount(batch.num.env[batch.num_flags != 0], minlength=n) + np.bincount(
+            batch.wav.env[batch.wav_flags != 0], minlength=n
+        )
+        raws = batch.raws
+        rows = await conn.fetch(
+            _INSERT_INGESTS,
+            [r.received_at_ms for r in raws],
+            [d.envelope.device_id for d in items],
+            [r.source for r in raws],
+            self._gateway_id,
+            [r.topic_or_path for r in raws],
+            [d.sha256 for d in items],
+            [d.payload_bytes for d in items],
+            [d.encoding for d in items],
+            [d.profile.name for d in items],
+            [d.profile.version for d in items],
+            [d.envelope.firmware for d in items],
+            [d.envelope.seq for d in items],
+            n_rows.tolist(),
+            n_flag.tolist(),
+            [r.principal for r in raws],
+        )
+        by_key = {(r[1], bytes(r[2])): r[0] for r in rows}
+        ids: list[int | None] = []
+        for d in items:
+            ids.append(by_key.pop((d.envelope.device_id, d.sha256), None))
+        return ids
+
+    @staticmethod
+    def _ingest_column(ids: list[int | None], env: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        id_arr = np.array([-1 if i is None else i for i in ids], dtype=np.int64)
+        per_row = id_arr[env]
+        keep = per_row >= 0
+        return per_row, keep
+
+    async def _copy_readings(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
+        num = batch.num
+        if len(num) == 0:
+            return
+        ingest, keep = self._ingest_column(ids, num.env)
+        if not keep.all():
+            sel = np.flatnonzero(keep)
+            t, dev, met, val, flg, ingest = num.t[sel], num.device[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
+        else:
+            t, dev, met, val, flg = num.t, num.device, num.metric, num.value, batch.num_flags
+        if len(t) == 0:
+            return
+        dcodes, duniq = _factorize(dev)
+        mcodes, muniq = _factorize(met)
+        data = copybin.encode_rows([
+            copybin.timestamptz_ms(t),
+            copybin.text(dcodes, duniq),
+            copybin.text(mcodes, muniq),
+            copybin.fixed(val, ">f8"),
+            copybin.fixed(flg, ">i4"),
+            copybin.fixed(ingest, ">i8"),
+        ])
+        await conn.copy_to_table("readings", source=_once(data), columns=_READING_COLUMNS, format="binary")
+
+    async def _copy_waveforms(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
+        wav = batch.wav
+        if len(wav) == 0:
+            return
+        ingest, keep = self._ingest_column(ids, wav.env)
+        sel = np.flatnonzero(keep)
+        if len(sel) == 0:
+            return
+        counts = np.diff(wav.offsets)[sel]
+        offsets = np.zeros(len(sel) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        starts = wav.offsets[:-1][sel]
+        samples = wav.samples[copybin._ranges(starts, counts)]  # noqa: SLF001
+        dcodes, duniq = _factorize(wav.device[sel])
+        mcodes, muniq = _factorize(wav.metric[sel])
+        data = copybin.encode_rows([
+            copybin.timestamptz_ms(wav.t0[sel]),
+            copybin.text(dcodes, duniq),
+            copybin.text(mcodes, muniq),
+            copybin.fixed(wav.hz[sel], ">f8"),
+            copybin.float4_array(samples, offsets),
+            copybin.fixed(batch.wav_flags[sel], ">i4"),
+            copybin.fixed(ingest[sel], ">i8"),
+        ])
+        await conn.copy_to_table("waveform_blocks", source=_once(data), columns=_WAVEFORM_COLUMNS, format="binary")
+
+    async def _write_rejected(self, conn: asyncpg.Connection, batch: WriteBatch) -> None:
+        rej = batch.rejected
+        limit = self._quarantine_bytes
+        await conn.execute(
+            _INSERT_REJECTED,
+            [r.raw.received_at_ms for r in rej],
+            [r.raw.source for r in rej],
+            [r.raw.principal for r in rej],
+            self._gateway_id,
+            [r.raw.topic_or_path for r in rej],
+            [r.device_id for r in rej],
+            [r.reason for r in rej],
+            [hashlib.sha256(r.raw.payload).digest() for r in rej],
+            [len(r.raw.payload) for r in rej],
+            [r.raw.payload[:limit] for r in rej],
+        )
+
+    async def _write_alerts(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
+        for ev in batch.alerts:
+            ingest_id = ids[ev.env] if ev.env is not None and ev.env < len(ids) else None
+            if ev.event == "open":
+                await conn.execute(_OPEN_ALERT, ev.device_id, ev.rule, ev.metric, ev.priority, ev.at, ev.value, ingest_id)
+            else:
+                await conn.execute(_CLOSE_ALERT, ev.device_id, ev.rule, ev.at, ev.value, ingest_id)
