@@ -208,6 +208,8 @@ def decode(
         )
     if env.v != 1:
         raise RejectError(f"v: unsupported envelope version {env.v}, expected 1", dev)
+    if env.firmware is not None and "\x00" in env.firmware:
+        raise RejectError("firmware: must not contain NUL characters", dev)
     pname = env.profile if env.profile is not None else default_profile
     if pname is None:
         raise RejectError("profile: required, the device has no registered profile", dev)

@@ -1,0 +1,157 @@
+"""The gateway process: ``startup() -> run() -> shutdown()``.
+
+Shutdown order: stop taking payloads, let the pipeline write and acknowledge what it
+holds (up to ``shutdown_timeout_s``), disconnect the sources, close the database pool.
+Payloads not acknowledged by then stay with the transport (MQTT redelivers them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from gateway.checks import CheckSettings
+from gateway.config import GatewayConfig
+from gateway.errors import SinkError
+from gateway.metrics import Metrics
+from gateway.pipeline import Pipeline, PipelineSettings
+from gateway.profiles import load_profiles
+from gateway.retry import Backoff
+from gateway.sinks.timescale import TimescaleSink
+from gateway.sources.mqtt import MqttSource
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """One gateway process: sources, pipeline and sink, with a graceful lifecycle."""
+
+    def __init__(self, config: GatewayConfig, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()
+        self.pipeline: Pipeline | None = None
+        self.sink: TimescaleSink | None = None
+        self.mqtt: MqttSource | None = None
+        self.drained = True
+
+    def handle_exit(self, sig: int) -> None:
+        """Signal handler: first signal asks for a graceful stop, the second forces it."""
+        if self.should_exit.is_set():
+            self.force_exit.set()
+            log.warning("Second signal: forcing exit.", extra={"signal": signal.Signals(sig).name})
+        else:
+            log.info("Shutting down.", extra={"signal": signal.Signals(sig).name})
+        self.should_exit.set()
+
+    async def startup(self) -> None:
+        cfg = self.config
+        profiles = load_profiles(cfg.profiles.dir)
+        log.info("Profiles loaded.", extra={"dir": cfg.profiles.dir, "profiles": ",".join(sorted(profiles))})
+        self.sink = TimescaleSink(
+            cfg.database.url,
+            gateway_id=cfg.gateway_id,
+            quarantine_payload_bytes=cfg.quarantine_payload_bytes,
+            connect_timeout_s=cfg.database.connect_timeout_s,
+            command_timeout_s=cfg.database.command_timeout_s,
+            run_migrations=cfg.database.migrate,
+        )
+        backoff = Backoff(cfg.retry.initial_s, cfg.retry.max_s)
+        while True:
+            try:
+                await self.sink.start()
+                break
+            except SinkError as exc:
+                if not exc.retriable or self.should_exit.is_set():
+                    raise
+                delay = backoff.next_delay()
+                log.warning("Database not reachable yet; retrying.", extra={"error": str(exc), "retry_in_s": round(delay, 2)})
+                try:
+                    await asyncio.wait_for(self.should_exit.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        self.pipeline = Pipeline(
+            profiles=profiles,
+            sink=self.sink,
+            metrics=self.metrics,
+            settings=PipelineSettings(
+                max_rows=cfg.batch.max_rows,
+                max_bytes=cfg.batch.max_bytes,
+                max_age_s=cfg.batch.max_age_s,
+                max_payload_bytes=cfg.max_payload_bytes,
+                default_profile=cfg.profiles.default,
+                retry_initial_s=cfg.retry.initial_s,
+                retry_max_s=cfg.retry.max_s,
+                checks=CheckSettings(
+                    max_clock_skew_s=cfg.checks.max_clock_skew_s, max_staleness_s=cfg.checks.max_staleness_s
+                ),
+            ),
+        )
+        if cfg.mqtt.enabled:
+            self.mqtt = MqttSource(
+                cfg.mqtt, client_id=cfg.mqtt_client_id, submit=self.pipeline.submit, metrics=self.metrics
+            )
+            self.pipeline.add_alert_publisher(self.mqtt.publish_alerts)
+        if cfg.metrics_port:
+            self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+            log.info("Metrics served.", extra={"address": f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"})
+
+    async def run(self) -> int:
+        """Run until ``should_exit``; return the process exit code."""
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        writer = asyncio.create_task(pipeline.run(), name="pipeline-writer")
+        sources: list[asyncio.Task[None]] = []
+        if self.mqtt is not None:
+            sources.append(asyncio.create_task(self.mqtt.run(), name="mqtt-source"))
+        log.info("Gateway running.", extra={"gateway_id": self.config.gateway_id})
+        stop = asyncio.create_task(self.should_exit.wait(), name="exit-wait")
+        done, _ = await asyncio.wait({stop, writer, *sources}, return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t is not stop and not t.cancelled() and t.exception() is not None]
+        for t in failed:
+            log.error("Task failed; stopping.", extra={"task": t.get_name(), "error": repr(t.exception())})
+        return await self.shutdown(writer, sources, stop, error=bool(failed))
+
+    async def shutdown(
+        self, writer: asyncio.Task[None], sources: list[asyncio.Task[None]], stop: asyncio.Task[bool], *, error: bool
+    ) -> int:
+        assert self.pipeline is not None and self.sink is not None
+        stop.cancel()
+        if self.mqtt is not None:
+            self.mqtt.stop_intake()
+        self.pipeline.stop()
+        timeout = self.config.shutdown_timeout_s
+        pending = self.pipeline.in_flight
+        log.info("Draining.", extra={"in_flight": pending, "timeout_s": timeout})
+        self.drained = True
+        if not writer.done():
+            drain = asyncio.ensure_future(asyncio.wait_for(asyncio.shield(writer), timeout))
+            force = asyncio.create_task(self.force_exit.wait())
+            await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
+            force.cancel()
+            if not writer.done():
+                self.drained = False
+                writer.cancel("shutdown timeout exceeded")
+                log.error(
+                    "Drain timed out; unacknowledged payloads stay with the broker for redelivery.",
+                    extra={"in_flight": self.pipeline.in_flight},
+                )
+            drain.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        if self.mqtt is not None:
+            await self.mqtt.close()
+        for t in sources:
+            try:
+                await asyncio.wait_for(t, 5.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                t.cancel()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("Source ended with an error.", extra={"error": repr(exc)})
+        await self.sink.close()
+        ok = self.drained and not error
+        log.info("Stopped.", extra={"drained": self.drained, "batches": self.pipeline.committed_batches})
+        return 0 if ok else 1

@@ -1,0 +1,169 @@
+"""The ``vitalgate`` command line. The only module that chooses the event loop (uvloop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from gateway import __version__
+from gateway.errors import ConfigError, GatewayError
+
+log = logging.getLogger("gateway")
+
+_ENV_HELP = """\
+configuration:
+  A TOML file (--config, or VITALGATE_CONFIG) plus environment overrides named
+  VITALGATE_<SECTION>_<KEY> or VITALGATE_<KEY> for top-level keys, for example
+  VITALGATE_DATABASE_URL, VITALGATE_MQTT_URL, VITALGATE_MQTT_CLIENT_ID,
+  VITALGATE_PROFILES_DIR, VITALGATE_GATEWAY_ID, VITALGATE_BATCH_MAX_ROWS,
+  VITALGATE_METRICS_PORT, VITALGATE_LOG_LEVEL. `vitalgate config show` prints the
+  result; gateway.sample.toml lists every key with its default.
+"""
+
+
+def _run_async(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(factory())
+
+
+def _load_config(args: argparse.Namespace):  # noqa: ANN202
+    from gateway.config import load
+
+    return load(args.config)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+    from gateway.logs import setup_logging
+
+    cfg = _load_config(args)
+    setup_logging(cfg.log_level)
+
+    async def main() -> int:
+        gw = Gateway(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, gw.handle_exit, sig)
+        try:
+            await gw.startup()
+        except GatewayError as exc:
+            log.error("Start-up failed.", extra={"error": str(exc)})
+            return 2
+        if gw.should_exit.is_set():
+            return 0
+        return await gw.run()
+
+    return _run_async(main)
+
+
+def _cmd_db_migrate(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from gateway.sinks.schema import SCHEMA_VERSION, migrate
+
+    cfg = _load_config(args)
+
+    async def main() -> int:
+        conn = await asyncpg.connect(cfg.database.url, timeout=cfg.database.connect_timeout_s)
+        try:
+            applied = await migrate(conn)
+        finally:
+            await conn.close()
+        if applied:
+            print(f"Applied migrations {', '.join(map(str, applied))}; schema version {SCHEMA_VERSION}.")
+        else:
+            print(f"Schema is up to date (version {SCHEMA_VERSION}).")
+        return 0
+
+    return _run_async(main)
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    data = msgspec.to_builtins(cfg)
+    for section in ("database", "mqtt"):
+        if data[section].get("password"):
+            data[section]["password"] = "***"
+    sys.stdout.write(msgspec.toml.encode(data).decode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitalgate",
+        description="Ingestion gateway for connected medical devices: MQTT telemetry in, "
+        "validated, checked and alerted, stored in TimescaleDB with provenance.",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vitalgate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file (default: $VITALGATE_CONFIG, else built-in defaults)")
+        return p
+
+    run = with_config(sub.add_parser(
+        "run",
+        help="run the gateway",
+        description="Run the gateway: migrate the schema, subscribe the telemetry topic, write "
+        "batches, acknowledge after commit. SIGTERM or SIGINT stops it gracefully (a second one forces).",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ))
+    run.set_defaults(func=_cmd_run)
+
+    db = sub.add_parser("db", help="database administration", description="Database administration.")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    mig = with_config(db_sub.add_parser(
+        "migrate", help="create or upgrade the schema (idempotent)",
+        description="Create the TimescaleDB extension, the tables of PROTOCOL section 3 and their indexes, "
+        "and record the schema version. Running it again changes nothing.",
+    ))
+    mig.set_defaults(func=_cmd_db_migrate)
+
+    conf = sub.add_parser("config", help="inspect the configuration", description="Inspect the configuration.")
+    conf_sub = conf.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = with_config(conf_sub.add_parser(
+        "show", help="print the effective configuration (file + environment) as TOML",
+        description="Validate and print the effective configuration; exit 2 naming the bad key if invalid.",
+    ))
+    show.set_defaults(func=_cmd_config_show)
+
+    try:
+        from gateway.replay import add_replay_parser
+    except ImportError:  # pragma: no cover - replay is part of the package
+        pass
+    else:
+        add_replay_parser(sub)
+    try:
+        from gateway.profiles_cli import add_profiles_parser
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_profiles_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"vitalgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"vitalgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

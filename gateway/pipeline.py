@@ -1,0 +1,362 @@
+"""decode -> batch -> checks -> rules -> sink, acknowledging each payload only after commit.
+
+Sources call ``submit()`` (synchronous, cheap: decode and append). The writer task
+``run()`` seals batches by row count, bytes or age, drops envelopes already stored,
+runs the vectorized checks and alert rules over the whole batch, writes it in one
+transaction (retrying with backoff while the database is unavailable) and then
+acknowledges every payload of the batch in arrival order: stored, duplicate and
+rejected alike. Nothing is acknowledged before its outcome is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.checks import CheckSettings, CheckState, run_checks
+from gateway.decode import DEFAULT_MAX_BYTES, Decoded, decode, to_columns
+from gateway.errors import RejectError, SinkError
+from gateway.metrics import Metrics
+from gateway.model import FLAG_NAMES, AlertEvent, RawMessage
+from gateway.profiles import Profile
+from gateway.retry import Backoff
+from gateway.rules import AlertEngine
+from gateway.sinks import Rejected, Sink, WriteBatch
+from gateway.sinks.subset import subset
+
+__all__ = ["PipelineSettings", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    max_rows: int = 10_000
+    max_bytes: int = 8 * 1024 * 1024
+    max_age_s: float = 0.2
+    max_payload_bytes: int = DEFAULT_MAX_BYTES
+    default_profile: str | None = None
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+    tick_s: float = 1.0
+    checks: CheckSettings = field(default_factory=CheckSettings)
+
+
+class _Batch:
+    __slots__ = ("items", "raws", "order", "rejected", "rows", "nbytes", "created", "keys")
+
+    def __init__(self) -> None:
+        self.items: list[Decoded] = []
+        self.raws: list[RawMessage] = []
+        self.order: list[RawMessage] = []
+        self.rejected: list[Rejected] = []
+        self.rows = 0
+        self.nbytes = 0
+        self.created = 0.0
+        self.keys: list[tuple[str, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+AlertPublisher = Callable[[Sequence[AlertEvent]], None]
+
+
+class Pipeline:
+    """The ingestion pipeline of one gateway process."""
+
+    def __init__(
+        self,
+        *,
+        profiles: Mapping[str, Profile],
+        sink: Sink,
+        settings: PipelineSettings,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.profiles = profiles
+        self.sink = sink
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._clock = clock
+        self._state = CheckState()
+        self._engine = AlertEngine(profiles)
+        self._current = _Batch()
+        self._sealed: deque[_Batch] = deque()
+        self._pending_keys: dict[tuple[str, bytes], int] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._in_flight = 0
+        self._pending_rows = 0
+        self._last_seq: dict[str, int] = {}
+        self._next_tick = 0.0
+        self._alert_publishers: list[AlertPublisher] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.committed_batches = 0
+
+    # ----------------------------------------------------------------- intake
+    @property
+    def in_flight(self) -> int:
+        """Payloads submitted and not yet acknowledged (or handed back)."""
+        return self._in_flight
+
+    @property
+    def pending_rows(self) -> int:
+        return self._pending_rows
+
+    def add_alert_publisher(self, publish: AlertPublisher) -> None:
+        """Call ``publish(events)`` after each commit that opened or closed alerts."""
+        self._alert_publishers.append(publish)
+
+    def submit(self, raw: RawMessage) -> None:
+        """Take one payload. Never raises for bad data: a reject is stored and acked like the rest."""
+        if self._stopping:
+            raise RuntimeError("pipeline is stopping; no new payloads are taken")
+        batch = self._current
+        if not batch.order:
+            batch.created = time.monotonic()
+        self._in_flight += 1
+        self._idle.clear()
+        batch.order.append(raw)
+        try:
+            d = decode(
+                raw.payload,
+                content_type=raw.content_type,
+                profiles=self.profiles,
+                default_profile=self.settings.default_profile,
+                topic_device_id=raw.topic_device_id,
+                max_bytes=self.settings.max_payload_bytes,
+            )
+        except RejectError as exc:
+            batch.rejected.append(Rejected(raw, exc.reason, exc.device_id))
+            batch.nbytes += len(raw.payload)
+            self._log_reject(raw, exc)
+        else:
+            key = (d.envelope.device_id, d.sha256)
+            if key not in self._pending_keys:
+                self._pending_keys[key] = 1
+                batch.items.append(d)
+                batch.raws.append(raw)
+                batch.keys.append(key)
+                rows = len(d.num_t) + len(d.wav_t0)
+                batch.rows += rows
+                self._pending_rows += rows
+                batch.nbytes += d.payload_bytes
+            else:
+                # the same envelope is already waiting to be written: ack it with that write
+                self.metrics.envelopes.labels(raw.source, "duplicate").inc()
+        if batch.rows >= self.settings.max_rows or batch.nbytes >= self.settings.max_bytes:
+            self._seal()
+        elif len(batch.order) == 1:
+            self._wakeup.set()
+
+    def _log_reject(self, raw: RawMessage, exc: RejectError) -> None:
+        reason = exc.reason
+        field_name = reason.split(":", 1)[0].split("[", 1)[0].split(".", 1)[0]
+        self.metrics.rejected.labels(raw.source, field_name[:32]).inc()
+        log.warning(
+            "Payload rejected.",
+            extra={"source": raw.source, "origin": raw.topic_or_path, "device_id": exc.device_id, "reason": reason},
+        )
+
+    def _seal(self) -> None:
+        if self._current.order:
+            self._sealed.append(self._current)
+            self._current = _Batch()
+        self._wakeup.set()
+
+    # ----------------------------------------------------------------- writer
+    def stop(self) -> None:
+        """Stop taking payloads; ``run()`` returns once everything taken is written."""
+        self._stopping = True
+        self._seal()
+
+    async def wait_idle(self) -> None:
+        """Wait until every submitted payload has been acknowledged."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Write batches until ``stop()`` was called and nothing is pending."""
+        self._next_tick = time.monotonic() + self.settings.tick_s
+        while True:
+            batch = await self._next_batch()
+            events = self._tick_events()
+            if batch is None and not events:
+                if self._stopping and not self._sealed and not self._current.order:
+                    return
+                continue
+            await self._process(batch or _Batch(), events)
+
+    def _tick_events(self) -> list[AlertEvent]:
+        now = time.monotonic()
+        if now < self._next_tick:
+            return []
+        self._next_tick = now + self.settings.tick_s
+        return self._engine.tick(int(self._clock() * 1000))
+
+    async def _next_batch(self) -> _Batch | None:
+        while True:
+            if self._sealed:
+                return self._sealed.popleft()
+            cur = self._current
+            if self._stopping:
+                if cur.order:
+                    self._seal()
+                    continue
+                return None
+            now = time.monotonic()
+            deadline = self._next_tick
+            if cur.order:
+                age_deadline = cur.created + self.settings.max_age_s
+                if now >= age_deadline:
+                    self._seal()
+                    continue
+                deadline = min(deadline, age_deadline)
+            if now >= self._next_tick:
+                return None
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), max(0.0, deadline - now))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _retry(self, what: str, call: Callable[[], object]) -> object:
+        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
+        while True:
+            try:
+                return await call()  # type: ignore[misc]
+            except SinkError as exc:
+                self.metrics.write_errors.labels(str(exc.retriable).lower()).inc()
+                if not exc.retriable:
+                    raise
+                delay = backoff.next_delay()
+                if backoff.attempt == 1 or backoff.attempt % 10 == 0:
+                    log.warning(
+                        "Database unavailable; holding the batch and retrying.",
+                        extra={"operation": what, "attempt": backoff.attempt, "retry_in_s": round(delay, 2), "error": str(exc)},
+                    )
+                await asyncio.sleep(delay)
+
+    async def _process(self, batch: _Batch, tick_events: list[AlertEvent]) -> None:
+        items, raws = batch.items, batch.raws
+        known: set[tuple[str, bytes]] = set()
+        if items:
+            known = await self._retry("duplicate lookup", lambda: self.sink.known(batch.keys))  # type: ignore[assignment]
+        if known:
+            keep = [i for i, k in enumerate(batch.keys) if k not in known]
+            items = [items[i] for i in keep]
+            raws = [raws[i] for i in keep]
+        self._count_seq_gaps(items)
+        num, wav = to_columns(items, [r.received_at_ms for r in raws])
+        nflags, wflags = run_checks(num, wav, self.profiles, self._state, self.settings.checks)
+        events = self._engine.evaluate(num, nflags, wav) if len(num) or len(wav) else []
+        events = tick_events + events
+        wb = WriteBatch(items=items, raws=raws, num=num, num_flags=nflags, wav=wav, wav_flags=wflags,
+                        rejected=batch.rejected, alerts=events)
+        try:
+            await self._retry("write", lambda: self.sink.write(wb))
+        except SinkError as exc:
+            await self._write_split(wb, exc)
+        self._after_commit(batch, wb, len(known))
+
+    async def _write_split(self, wb: WriteBatch, exc: SinkError) -> None:
+        """A permanent error: isolate the envelope(s) the database refuses, quarantine them, store the rest."""
+        log.error("Batch refused by the database; isolating the envelopes at fault.", extra={"error": str(exc)})
+        refused: list[Rejected] = []
+        ids: list[int | None] = [None] * len(wb.items)
+
+        async def attempt(idx: list[int]) -> None:
+            part = subset(wb, idx)
+            try:
+                got = await self._retry("write", lambda: self.sink.write(part))
+            except SinkError as err:
+                if len(idx) == 1:
+                    raw = wb.raws[idx[0]]
+                    refused.append(Rejected(raw, f"storage: {err}", wb.items[idx[0]].envelope.device_id))
+                    return
+                half = len(idx) // 2
+                await attempt(idx[:half])
+                await attempt(idx[half:])
+                return
+            for i, v in zip(idx, got):  # type: ignore[arg-type]
+                ids[i] = v
+
+        await attempt(list(range(len(wb.items))))
+        rest = WriteBatch(rejected=wb.rejected + refused, alerts=[e for e in wb.alerts if e.env is None or ids[e.env] is not None])
+        await self._retry("write", lambda: self.sink.write(rest))
+        wb.rejected = rest.rejected
+
+    def _count_seq_gaps(self, items: list[Decoded]) -> None:
+        last = self._last_seq
+        gaps = 0
+        for d in items:
+            seq = d.envelope.seq
+            if seq is None:
+                continue
+            prev = last.get(d.envelope.device_id)
+            if prev is not None and seq > prev + 1:
+                gaps += seq - prev - 1
+            if prev is None or seq > prev:
+                last[d.envelope.device_id] = seq
+        if gaps:
+            self.metrics.seq_gaps.inc(gaps)
+
+    def _after_commit(self, batch: _Batch, wb: WriteBatch, n_known: int) -> None:
+        for raw in batch.order:
+            if raw.ack is not None:
+                raw.ack()
+        m = self.metrics
+        for k in batch.keys:
+            self._pending_keys.pop(k, None)
+        self._in_flight -= len(batch.order)
+        self._pending_rows -= batch.rows
+        if self._in_flight == 0:
+            self._idle.set()
+        self.committed_batches += 1
+        m.batches.inc()
+        m.batch_rows.observe(len(wb.num) + len(wb.wav))
+        m.readings.inc(len(wb.num))
+        m.samples.inc(int(wb.wav.offsets[-1]))
+        src = batch.order[0].source if batch.order else "mqtt"
+        stored = len(wb.items)
+        if stored:
+            m.envelopes.labels(src, "stored").inc(stored)
+        if n_known:
+            m.envelopes.labels(src, "duplicate").inc(n_known)
+        if wb.rejected:
+            m.envelopes.labels(src, "rejected").inc(len(wb.rejected))
+        if len(wb.num_flags):
+            self._count_flags(np.concatenate([wb.num_flags, wb.wav_flags]))
+        now_ms = self._clock() * 1000
+        if wb.raws:
+            lat = (now_ms - np.fromiter((r.received_at_ms for r in wb.raws), dtype=np.float64, count=len(wb.raws))) / 1000
+            for v in np.percentile(lat, (50, 99)):  # two observations per batch keep the histogram cheap
+                m.commit_latency.observe(max(0.0, float(v)))
+        if wb.alerts:
+            for ev in wb.alerts:
+                m.alerts.labels(ev.event, ev.priority).inc()
+                log.info(
+                    "Alert %s.", "opened" if ev.event == "open" else "closed",
+                    extra={"device_id": ev.device_id, "rule": ev.rule, "priority": ev.priority, "at": ev.at, "value": ev.value},
+                )
+            for publish in self._alert_publishers:
+                try:
+                    publish(wb.alerts)
+                except Exception as exc:  # noqa: BLE001 - publishing is best effort after commit
+                    log.warning("Alert publication failed.", extra={"error": repr(exc)})
+
+    def _count_flags(self, flags: np.ndarray) -> None:
+        nz = flags[flags != 0]
+        if not len(nz):
+            return
+        for bit, name in enumerate(FLAG_NAMES):
+            n = int(np.count_nonzero(nz & (1 << bit)))
+            if n:
+                self.metrics.flagged.labels(name).inc(n)

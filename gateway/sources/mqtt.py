@@ -1,0 +1,239 @@
+"""MQTT source: a persistent QoS 1 session whose PUBACKs wait for the database commit.
+
+aiomqtt (2.x) acknowledges on receipt; its paho client can instead acknowledge on
+request (``manual_ack_set(True)``, then ``ack(mid, qos)``). This module is the one place
+that reaches into that client. Manual acks are switched on *before* connecting, because
+a persistent session redelivers pending messages right after CONNACK. Messages go
+straight from paho's callback to the pipeline (no intermediate queue); how many can be
+unacknowledged at once is bounded by the broker: MQTT 5 ``Receive Maximum`` (our
+``receive_maximum``), or the broker's ``max_inflight_messages`` for MQTT 3.1.1.
+
+Acks are sent in commit order, which is arrival order. After a reconnect, acks for
+messages of the previous connection are skipped: the broker redelivers them, and the
+pipeline stores them once (envelope-level dedupe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import MqttConfig
+from gateway.metrics import Metrics
+from gateway.model import AlertEvent, RawMessage
+from gateway.retry import Backoff
+from gateway.sources import Submit
+
+__all__ = ["MqttSource", "parse_url"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
+    """``mqtt[s]://[user[:password]@]host[:port]`` -> (host, port, tls, user, password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"unsupported MQTT URL scheme {parts.scheme!r} (use mqtt:// or mqtts://)")
+    tls = parts.scheme in ("mqtts", "ssl")
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (8883 if tls else 1883)
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return host, port, tls, user, password
+
+
+class MqttSource:
+    """Subscribes the telemetry topic and feeds the pipeline."""
+
+    def __init__(self, cfg: MqttConfig, *, client_id: str, submit: Submit, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._client_id = client_id
+        self._submit = submit
+        self._metrics = metrics
+        self._host, self._port, self._tls, user, password = parse_url(cfg.url)
+        self._user = cfg.username or user
+        self._password = cfg.password or password
+        self._prefix, self._suffix = self._topic_parts(cfg.topic)
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self._connected = False
+        self._taking = True
+        self._closing = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.received = 0
+
+    @staticmethod
+    def _topic_parts(topic: str) -> tuple[str, str]:
+        if topic.count("+") != 1 or "#" in topic:
+            raise ValueError("mqtt.topic must contain exactly one '+' (the device id) and no '#'")
+        prefix, suffix = topic.split("+")
+        return prefix, suffix
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set while subscribed."""
+        return self._ready
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self._cfg
+        v5 = cfg.protocol == "5"
+        props = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            props.ReceiveMaximum = cfg.receive_maximum
+        tls_context = None
+        if self._tls or cfg.tls_ca:
+            tls_context = ssl.create_default_context(cafile=cfg.tls_ca)
+            if cfg.tls_cert:
+                tls_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        client = aiomqtt.Client(
+            self._host,
+            self._port,
+            identifier=self._client_id,
+            username=self._user,
+            password=self._password,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            clean_start=False,
+            properties=props,
+            keepalive=cfg.keepalive_s,
+            tls_context=tls_context,
+            timeout=10,
+        )
+        inner = client._client  # noqa: SLF001 - the one place that uses paho directly
+        inner.manual_ack_set(True)  # before connecting: redelivered messages arrive right after CONNACK
+        inner.on_message = self._on_message
+        inner.disable_logger()
+        return client
+
+    def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+        if not self._taking:
+            return  # not acknowledged: the broker keeps it for the next session
+        topic = msg.topic
+        device_id = None
+        if topic.startswith(self._prefix) and topic.endswith(self._suffix):
+            device_id = topic[len(self._prefix): len(topic) - len(self._suffix)] or None
+        content_type = None
+        props = getattr(msg, "properties", None)
+        if props is not None:
+            content_type = getattr(props, "ContentType", None)
+        ack = None
+        if msg.qos > 0:
+            ack = self._acker(self._generation, msg.mid, msg.qos)
+        self.received += 1
+        self._submit(
+            RawMessage(
+                payload=msg.payload,
+                source="mqtt",
+                principal=device_id,
+                topic_or_path=topic,
+                received_at_ms=int(time.time() * 1000),
+                content_type=content_type,
+                topic_device_id=device_id if device_id is not None else "",
+                ack=ack,
+            )
+        )
+
+    def _acker(self, generation: int, mid: int, qos: int):  # noqa: ANN202
+        def ack() -> None:
+            client = self._client
+            if client is None or generation != self._generation or not self._connected:
+                return  # that connection is gone; the broker redelivers and dedupe stores it once
+            client._client.ack(mid, qos)  # noqa: SLF001
+
+        return ack
+
+    def stop_intake(self) -> None:
+        self._taking = False
+
+    async def close(self) -> None:
+        self._taking = False
+        self._closing.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(0.5, 15.0)
+        while not self._closing.is_set():
+            client = self._make_client()
+            self._client = client
+            try:
+                async with client:
+                    self._generation += 1
+                    self._connected = True
+                    self._metrics.mqtt_connected.set(1)
+                    await client.subscribe(self._cfg.topic, qos=1)
+                    self._ready.set()
+                    backoff.reset()
+                    log.info(
+                        "Subscribed.",
+                        extra={"broker": f"{self._host}:{self._port}", "topic": self._cfg.topic, "client_id": self._client_id},
+                    )
+                    await self._until_closed_or_lost(client)
+            except aiomqtt.MqttError as exc:
+                if self._closing.is_set():
+                    break
+                delay = backoff.next_delay()
+                log.warning(
+                    "MQTT connection lost; reconnecting.",
+                    extra={"broker": f"{self._host}:{self._port}", "error": str(exc), "retry_in_s": round(delay, 2)},
+                )
+                self._mark_down()
+                try:
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                self._mark_down()
+        self._client = None
+
+    def _mark_down(self) -> None:
+        self._connected = False
+        self._ready.clear()
+        self._metrics.mqtt_connected.set(0)
+
+    async def _until_closed_or_lost(self, client: aiomqtt.Client) -> None:
+        async def watch() -> None:
+            async for _ in client.messages:  # our on_message bypasses the queue: this only ends on disconnect
+                pass
+
+        watcher = asyncio.create_task(watch(), name="mqtt-disconnect-watch")
+        closer = asyncio.create_task(self._closing.wait(), name="mqtt-close-wait")
+        try:
+            done, _ = await asyncio.wait({watcher, closer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (watcher, closer):
+                t.cancel()
+        if watcher in done and not watcher.cancelled() and watcher.exception() is not None:
+            raise watcher.exception()  # type: ignore[misc]
+
+    def publish_alerts(self, events: Sequence[AlertEvent]) -> None:
+        """Publish alert events (JSON, QoS 1) on ``alerts/{device_id}``; best effort, after commit."""
+        client = self._client
+        if client is None or not self._connected:
+            log.warning("Alerts not published: MQTT is disconnected (they are stored).", extra={"count": len(events)})
+            return
+        inner = client._client  # noqa: SLF001
+        for ev in events:
+            payload = orjson.dumps(
+                {
+                    "type": "alert",
+                    "event": ev.event,
+                    "device_id": ev.device_id,
+                    "rule": ev.rule,
+                    "priority": ev.priority,
+                    "metric": ev.metric,
+                    "at": ev.at,
+                    "value": ev.value,
+                }
+            )
+            inner.publish(self._cfg.alerts_topic.format(device_id=ev.device_id), payload, qos=1)
