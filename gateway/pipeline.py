@@ -100,6 +100,8 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self.committed_batches = 0
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
+        self.metrics.backlog_rows.set_function(lambda: self._pending_rows)
 
     # ----------------------------------------------------------------- intake
     @property
