@@ -200,7 +200,8 @@ def decode(
         raise RejectError(reason, topic_device_id or _peek_device_id(payload, encoding)) from None
     except msgspec.DecodeError as exc:
         what = "MessagePack" if encoding == "msgpack" else "JSON"
-        raise RejectError(f"payload: invalid {what}: {exc}", topic_device_id) from None
+        detail = str(exc).replace("JSON is malformed: ", "").replace("MessagePack data is malformed: ", "")
+        raise RejectError(f"payload: invalid {what}: {detail}", topic_device_id) from None
     dev = env.device_id
     if topic_device_id is not None and dev != topic_device_id:
         raise RejectError(
