@@ -1,0 +1,179 @@
+"""Pipeline behaviour against an in-memory sink: ack only after commit, retry, isolation, dedupe, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from gateway.errors import SinkError
+from gateway.model import RawMessage
+from gateway.pipeline import Pipeline, PipelineSettings
+from gateway.profiles import load_profiles
+from gateway.sinks import WriteBatch
+from tests.gwproc import PROFILES
+from tests.util import await_for
+
+pytestmark = pytest.mark.asyncio
+P = load_profiles(PROFILES)
+T = (int(time.time()) - 60) * 1000
+
+
+class MemorySink:
+    """Stores batches in lists; can be told to fail. Records commits and acks in one event log."""
+
+    def __init__(self, events: list[tuple[str, object]]) -> None:
+        self.events = events
+        self.stored: dict[tuple[str, bytes], int] = {}
+        self.rejected: list[str] = []
+        self.fail_next: list[SinkError] = []
+        self.refuse_device: str | None = None
+        self.writes = 0
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def known(self, keys):  # noqa: ANN001, ANN201
+        return {k for k in keys if k in self.stored}
+
+    async def write(self, batch: WriteBatch):  # noqa: ANN201
+        self.writes += 1
+        await asyncio.sleep(0)
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+        if self.refuse_device and any(d.device_id == self.refuse_device for d in batch.items):
+            raise SinkError("invalid input syntax", retriable=False)
+        ids = []
+        for d in batch.items:
+            key = (d.device_id, d.sha256)
+            if key in self.stored:
+                ids.append(None)
+            else:
+                self.stored[key] = len(self.stored) + 1
+                ids.append(self.stored[key])
+        self.rejected += [r.reason for r in batch.rejected]
+        self.events.append(("commit", [d.envelope.seq for d in batch.items]))
+        return ids
+
+
+def raw(seq: int, events: list, device: str = "po-1", payload: bytes | None = None) -> RawMessage:
+    body = payload if payload is not None else orjson.dumps(
+        {"v": 1, "device_id": device, "seq": seq, "profile": "pulse_oximeter",
+         "numerics": [{"t": T + seq * 1000, "values": {"spo2": 97, "pulse_rate": 70}}]})
+    return RawMessage(body, "mqtt", device, f"devices/{device}/telemetry", T + seq * 1000,
+                      topic_device_id=device, ack=lambda: events.append(("ack", seq)))
+
+
+def make(sink: MemorySink, **kw: object) -> Pipeline:
+    settings = PipelineSettings(max_rows=kw.pop("max_rows", 100), max_age_s=kw.pop("max_age_s", 0.01),  # type: ignore[arg-type]
+                                retry_initial_s=0.001, retry_max_s=0.01)
+    return Pipeline(profiles=P, sink=sink, settings=settings)
+
+
+def committed(events: list, seq: int) -> int:
+    """Index of the commit event holding seq."""
+    return next(i for i, (kind, v) in enumerate(events) if kind == "commit" and seq in v)  # type: ignore[operator]
+
+
+async def test_every_ack_follows_the_commit_of_its_envelope():
+    events: list = []
+    sink = MemorySink(events)
+    pipe = make(sink, max_rows=7)
+    task = asyncio.create_task(pipe.run())
+    for s in range(50):
+        pipe.submit(raw(s, events))
+        if s % 5 == 0:
+            await asyncio.sleep(0)
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    acks = [(i, v) for i, (kind, v) in enumerate(events) if kind == "ack"]
+    assert [v for _, v in acks] == list(range(50)), "acks in arrival order, each once"
+    for i, seq in acks:
+        assert committed(events, seq) < i
+    assert sink.writes > 1
+
+
+async def test_retriable_failure_holds_acks_until_a_write_succeeds():
+    events: list = []
+    sink = MemorySink(events)
+    sink.fail_next = [SinkError("connection refused", retriable=True)] * 3
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    for s in range(5):
+        pipe.submit(raw(s, events))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    assert sink.writes == 4
+    assert [e for e in events if e[0] == "ack"] == [("ack", s) for s in range(5)]
+    assert pipe.metrics.write_errors.labels("true")._value.get() == 3
+    pipe.stop()
+    await task
+
+
+async def test_an_envelope_the_database_refuses_is_quarantined_and_its_neighbours_stored():
+    events: list = []
+    sink = MemorySink(events)
+    sink.refuse_device = "po-7"
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    for s in range(10):
+        pipe.submit(raw(s, events, device="po-7" if s == 4 else "po-1"))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert sorted(d for d, _ in sink.stored) == ["po-1"] * 9
+    assert sink.rejected == ["storage: invalid input syntax"]
+    assert [v for k, v in events if k == "ack"] == list(range(10))
+
+
+async def test_duplicates_are_acked_without_being_stored_twice():
+    events: list = []
+    sink = MemorySink(events)
+    pipe = make(sink, max_age_s=0.05)
+    task = asyncio.create_task(pipe.run())
+    first = raw(1, events)
+    pipe.submit(first)
+    pipe.submit(raw(1, events, payload=first.payload))  # pending duplicate
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.submit(raw(1, events, payload=first.payload))  # stored duplicate
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert len(sink.stored) == 1
+    assert [k for k, _ in events].count("ack") == 3
+    m = pipe.metrics.envelopes
+    assert m.labels("mqtt", "stored")._value.get() == 1
+    assert m.labels("mqtt", "duplicate")._value.get() == 2
+
+
+async def test_rejects_are_stored_and_acked_in_order_with_the_rest():
+    events: list = []
+    sink = MemorySink(events)
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    pipe.submit(raw(0, events))
+    pipe.submit(raw(1, events, payload=b"{oops"))
+    pipe.submit(raw(2, events))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert sink.rejected == ["payload: invalid JSON: object keys must be strings (byte 1)"]
+    assert [v for k, v in events if k == "ack"] == [0, 1, 2]
+
+
+async def test_stop_drains_what_was_taken_and_refuses_more():
+    events: list = []
+    sink = MemorySink(events)
+    pipe = make(sink, max_age_s=60.0, max_rows=10_000)
+    task = asyncio.create_task(pipe.run())
+    for s in range(20):
+        pipe.submit(raw(s, events))
+    pipe.stop()
+    await asyncio.wait_for(task, 5)
+    assert len(sink.stored) == 20
+    assert pipe.in_flight == 0
+    with pytest.raises(RuntimeError):
+        pipe.submit(raw(99, events))
