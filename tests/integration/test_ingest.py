@@ -224,3 +224,32 @@ def test_sigterm_under_load_drains_acks_and_exits_0(db_dsn, mosquitto, gateway_f
     assert stored_at_stop < len(envelopes)
     assert_exactly_once(db_dsn, envelopes)
     assert gw2.terminate() == 0
+
+
+def test_broker_restart_gateway_reconnects_and_keeps_its_session(db_dsn, mosquitto, gateway_factory):
+    client_id = f"gw-broker-restart-{time.monotonic_ns()}"
+    gw = gateway_factory(db_dsn, client_id=client_id)
+    gw.start()
+    first = pulse_ox_envelopes(10, 10, prefix="a")
+    pub = Publisher(mosquitto.port)
+    for i, e in enumerate(first):
+        pub.publish(topic(e), encode(e, i))
+    pub.wait_acked()
+    pub.close()
+    wait_ingests(db_dsn, len(first), timeout=60, gw=gw)
+    mosquitto.restart()
+    wait_for(lambda: gw.log_text().count("Subscribed.") >= 2, timeout=60, message=lambda: gw.log_tail())
+    assert "MQTT connection lost; reconnecting." in gw.log_text()
+    # stop the gateway; what is published meanwhile waits in its persistent session
+    assert gw.terminate() == 0
+    second = pulse_ox_envelopes(10, 10, prefix="b")
+    pub = Publisher(mosquitto.port)
+    for i, e in enumerate(second):
+        pub.publish(topic(e), encode(e, i))
+    pub.wait_acked()
+    pub.close()
+    gw2 = gateway_factory(db_dsn, client_id=client_id)
+    gw2.start()
+    wait_ingests(db_dsn, len(first) + len(second), timeout=60, gw=gw2)
+    assert_exactly_once(db_dsn, first + second)
+    assert gw2.terminate() == 0

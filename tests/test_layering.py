@@ -1,0 +1,90 @@
+"""The dependency direction of STYLE.md, checked on the code itself by walking imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "gateway"
+
+# module prefix -> gateway modules it may import (prefix match); everything else inside gateway is forbidden
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "gateway.checks": ("gateway.checks", "gateway.model", "gateway.profiles", "gateway.errors"),
+    "gateway.rules": ("gateway.rules", "gateway.model", "gateway.profiles", "gateway.errors"),
+    "gateway.decode": ("gateway.model", "gateway.profiles", "gateway.errors"),
+    "gateway.model": (),
+    "gateway.errors": (),
+    "gateway.metrics": (),
+    "gateway.retry": (),
+    "gateway.profiles": ("gateway.model", "gateway.errors"),
+    "gateway.config": ("gateway.model", "gateway.errors"),
+    "gateway.sources": ("gateway.sources", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics", "gateway.retry"),
+    "gateway.sinks": ("gateway.sinks", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics",
+                      "gateway.retry", "gateway.decode"),
+    "gateway.pipeline": ("gateway.decode", "gateway.checks", "gateway.rules", "gateway.model", "gateway.errors",
+                         "gateway.metrics", "gateway.profiles", "gateway.retry", "gateway.sinks"),
+}
+PURE = ("gateway.checks", "gateway.rules")
+IMPURE_LIBS = ("asyncio", "asyncpg", "aiomqtt", "paho", "aiohttp", "prometheus_client", "time", "socket")
+
+
+def modules() -> list[tuple[str, ast.Module]]:
+    out = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out.append((".".join(parts), ast.parse(path.read_text(), str(path))))
+    return out
+
+
+def imports(tree: ast.Module) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def rule_for(name: str) -> tuple[str, ...] | None:
+    best = None
+    for prefix in ALLOWED:
+        if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return None if best is None else ALLOWED[best]
+
+
+def test_imports_follow_the_dependency_direction():
+    bad = []
+    for name, tree in modules():
+        allowed = rule_for(name)
+        if allowed is None:
+            continue  # composition roots: cli, app, replay, __main__
+        for imp in imports(tree):
+            if not imp.startswith("gateway.") or imp == "gateway":
+                continue
+            if not any(imp == a or imp.startswith(a + ".") for a in allowed):
+                if imp.rsplit(".", 1)[0] in ("gateway",) and imp.split(".")[1] in ("__version__",):
+                    continue
+                bad.append(f"{name} imports {imp}")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_checks_and_rules_are_pure():
+    bad = []
+    for name, tree in modules():
+        if not name.startswith(PURE):
+            continue
+        for imp in imports(tree):
+            if imp.split(".")[0] in IMPURE_LIBS:
+                bad.append(f"{name} imports {imp}")
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_cli_chooses_the_event_loop():
+    users = [name for name, tree in modules() if any(i.split(".")[0] == "uvloop" for i in imports(tree))]
+    assert users == ["gateway.cli"]
