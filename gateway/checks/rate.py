@@ -1,0 +1,157 @@
+"""SPIKE: ``|v - ref.v| / (t - ref.t) > max_rate``, vectorized despite its feedback loop.
+
+``ref`` is the latest earlier reading without OUT_OF_RANGE, SPIKE or NOT_FINITE, so whether
+a reading is a SPIKE depends on earlier SPIKE flags. The loop is broken like this.
+
+Only readings that are neither OUT_OF_RANGE nor NOT_FINITE ("candidates") can ever become
+``ref``. Call candidate ``m`` *compatible* with ``k`` when it is not a SPIKE measured
+against ``k``. If ``k`` is the current ``ref``, every candidate after it is a SPIKE until
+the first compatible one, ``next(k)``, which becomes the new ``ref``. So the candidates
+that become ``ref`` are exactly the chain ``s, next(s), next(next(s)), ...`` from the
+group's start ``s`` (the carried ``ref``, or the first candidate when there is none), and
+every other candidate is a SPIKE.
+
+1. ``next`` is found for all candidates within a window of ``WINDOW`` positions, one
+   vectorized comparison per offset over the still-open candidates.
+2. The chain is marked with pointer doubling (``groups.mark_paths``): O(log length) rounds.
+3. A chain can only stop early at a candidate whose ``next`` lies beyond the window (more
+   than ``WINDOW`` SPIKEs in a row). Only those candidates - at most one per group per
+   round - are searched further, in doubling windows, and marking resumes from their
+   ``next``. Rounds are bounded by the number of such long SPIKE runs, not by readings.
+
+Finally every reading (candidates and the rest) is compared against the last chain member
+before it, with the exact expression above; for candidates this reproduces the chain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.checks.groups import group_first, last_marked, mark_paths, shift
+
+__all__ = ["spikes", "WINDOW"]
+
+WINDOW = 4
+_I64 = np.int64
+
+
+def _compatible(kt: np.ndarray, kv: np.ndarray, mt: np.ndarray, mv: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Not a SPIKE: reading (mt, mv) measured against reference (kt, kv); ``mt > kt``.
+
+    Callers may pass padding pairs outside a group (masked afterwards), hence the errstate.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ~(np.abs(mv - kv) / ((mt - kt) / 1000.0) > rate)
+
+
+class _Nodes:
+    """Candidates of all groups, each group preceded by its carried ``ref`` when it has one."""
+
+    def __init__(self, t, v, rate, gid, pos) -> None:  # type: ignore[no-untyped-def]
+        self.t, self.v, self.rate, self.gid, self.pos = t, v, rate, gid, pos
+        self.n = len(t)
+
+    def links_from(self, k: np.ndarray, off: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Search ``k + off .. k + off + width - 1`` for the first compatible node.
+
+        Returns (found, none, where): ``found`` rows have their link in ``where``; ``none``
+        rows reached the end of their group without one; the others need a wider search.
+        """
+        cand = k[:, None] + off[:, None] + np.arange(width, dtype=_I64)[None, :]
+        inside = cand < self.n
+        c = np.minimum(cand, self.n - 1)
+        valid = inside & (self.gid[c] == self.gid[k][:, None])
+        ok = valid & _compatible(self.t[k][:, None], self.v[k][:, None], self.t[c], self.v[c], self.rate[c])
+        found = ok.any(axis=1)
+        where = cand[np.arange(len(k)), np.argmax(ok, axis=1)]
+        none = ~found & ~valid.all(axis=1)
+        return found, none, where
+
+
+def spikes(
+    t: np.ndarray, v: np.ndarray, rate: np.ndarray, first: np.ndarray, candidate: np.ndarray,
+    has_ref: np.ndarray, ref_t: np.ndarray, ref_v: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SPIKE mask and, per reading, the index of the latest ``ref`` at or before it.
+
+    Args:
+        t, v: readings that are not OUT_OF_ORDER, sorted by (key, arrival); ``t`` increases
+            strictly inside a group.
+        rate: ``max_rate`` per reading (``inf`` when the metric has none).
+        first: group-start mask.
+        candidate: neither OUT_OF_RANGE nor NOT_FINITE.
+        has_ref, ref_t, ref_v: the ``ref`` carried in the state for each reading's key.
+
+    Returns:
+        ``spike`` (bool per reading) and ``ref_at`` (int per reading: index of the last
+        reading at or before it, in its group, that became ``ref``; -1 when none did, in
+        which case the carried ``ref`` still holds).
+    """
+    n = len(t)
+    gid = np.cumsum(first, dtype=_I64) - 1
+    group_pos = last_marked(first)
+    cpos = np.flatnonzero(candidate)
+    starts = np.flatnonzero(first & has_ref)
+    at = np.searchsorted(cpos, starts)
+    nodes = _Nodes(
+        np.insert(t[cpos], at, ref_t[starts]),
+        np.insert(v[cpos], at, ref_v[starts]),
+        np.insert(rate[cpos], at, np.inf),
+        np.insert(gid[cpos], at, gid[starts]),
+        np.insert(cpos, at, -1),
+    )
+    on = _chain(nodes)
+    became_ref = np.zeros(n, dtype=bool)
+    became_ref[nodes.pos[on & (nodes.pos >= 0)]] = True
+    ref_at = last_marked(became_ref)
+    ref_at[ref_at < group_pos] = -1
+    before = shift(ref_at, -1)
+    before[first] = -1
+    own = before >= 0
+    rt = np.where(own, t[before], ref_t)
+    rv = np.where(own, v[before], ref_v)
+    spike = (own | has_ref) & ~_compatible(rt, rv, t, v, rate)
+    return spike, ref_at
+
+
+def _chain(nodes: _Nodes) -> np.ndarray:
+    """Mask of the nodes on each group's chain ``s, next(s), ...``."""
+    n = nodes.n
+    link = np.full(n + 1, n, dtype=_I64)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    open_ = np.arange(n, dtype=_I64)
+    for d in range(1, WINDOW + 1):
+        found, none, where = nodes.links_from(open_, np.full(len(open_), d, dtype=_I64), 1)
+        link[open_[found]] = where[found]
+        open_ = open_[~found & ~none]
+        if not len(open_):
+            break
+    unresolved = np.zeros(n, dtype=bool)
+    unresolved[open_] = True
+    on = np.zeros(n, dtype=bool)
+    jumps = [link]
+    starts = np.flatnonzero(group_first(nodes.gid))
+    while True:
+        mark_paths(jumps, starts, on)
+        stuck = np.flatnonzero(on & unresolved)
+        if not len(stuck):
+            return on
+        starts = _extend(nodes, stuck, link)
+        unresolved[stuck] = False
+
+
+def _extend(nodes: _Nodes, stuck: np.ndarray, link: np.ndarray) -> np.ndarray:
+    """Resolve ``next`` of chain ends beyond the first window; returns the new chain starts."""
+    found_at: list[np.ndarray] = []
+    off = np.full(len(stuck), WINDOW + 1, dtype=_I64)
+    width = WINDOW
+    k = stuck
+    while len(k):
+        found, none, where = nodes.links_from(k, off, width)
+        link[k[found]] = where[found]
+        found_at.append(where[found])
+        more = ~found & ~none
+        k, off = k[more], off[more] + width
+        width *= 2
+    return np.concatenate(found_at) if found_at else np.empty(0, dtype=_I64)

@@ -1,0 +1,172 @@
+"""Keyed, columnar state carried between batches: per (device, metric) for the checks.
+
+Everything here works on whole arrays. Strings are turned into small integer ids once per
+batch (``Interner``); a pair of ids becomes one ``int64`` code, and ``KeyIndex`` maps codes
+to dense slot numbers with a sorted table and ``np.searchsorted``. Per-slot values live in
+``Columns``, plain numpy arrays that grow by doubling. The alert engine reuses the same
+three pieces for its per (device, rule) state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Interner", "KeyIndex", "Columns", "NumericState", "WaveformState", "CheckState", "pair_codes"]
+
+_I64 = np.int64
+# Codes are ``high << 24 | low``: up to 16.7 million distinct low ids (metrics, rules).
+_LOW_BITS = 24
+
+
+class Interner(dict[str, int]):
+    """str -> dense id, in first-seen order; unseen names get the next id."""
+
+    def __missing__(self, key: str) -> int:
+        value = self[key] = len(self)
+        return value
+
+    def ids(self, names: np.ndarray) -> np.ndarray:
+        """Ids of an object array of ``str``, as ``int64``.
+
+        Columns built from envelopes repeat the same device and profile for every reading of
+        an envelope, so runs of equal neighbours are looked up once; the lookup itself is a
+        C-level ``map`` over a dict, like a hash-table factorize.
+        """
+        n = len(names)
+        if n == 0:
+            return np.empty(0, dtype=_I64)
+        change = np.empty(n, dtype=bool)
+        change[0] = True
+        np.not_equal(names[1:], names[:-1], out=change[1:])
+        starts = np.flatnonzero(change)
+        if 2 * len(starts) > n:
+            return np.fromiter(map(self.__getitem__, names), dtype=_I64, count=n)
+        run_ids = np.fromiter(map(self.__getitem__, names[starts]), dtype=_I64, count=len(starts))
+        return np.repeat(run_ids, np.diff(np.append(starts, n)))
+
+
+def pair_codes(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """One ``int64`` code per (high, low) id pair."""
+    return (high << _LOW_BITS) | low
+
+
+class KeyIndex:
+    """int64 code -> dense slot number (0, 1, 2, ... in order of creation)."""
+
+    def __init__(self) -> None:
+        self._codes = np.empty(0, dtype=_I64)  # sorted
+        self._slots = np.empty(0, dtype=_I64)  # slot of each sorted code
+        self.size = 0
+
+    def slots(self, codes: np.ndarray) -> np.ndarray:
+        """Slots of ``codes``, creating slots for codes never seen before."""
+        pos = np.searchsorted(self._codes, codes)
+        found = pos < len(self._codes)
+        found[found] = self._codes[pos[found]] == codes[found]
+        out = np.empty(len(codes), dtype=_I64)
+        out[found] = self._slots[pos[found]]
+        if found.all():
+            return out
+        missing = ~found
+        new_codes, inverse = np.unique(codes[missing], return_inverse=True)
+        new_slots = np.arange(self.size, self.size + len(new_codes), dtype=_I64)
+        out[missing] = new_slots[inverse]
+        self.size += len(new_codes)
+        all_codes = np.concatenate([self._codes, new_codes])
+        order = np.argsort(all_codes, kind="stable")
+        self._codes = all_codes[order]
+        self._slots = np.concatenate([self._slots, new_slots])[order]
+        return out
+
+    def codes_by_slot(self) -> np.ndarray:
+        """The code of every slot, indexed by slot."""
+        out = np.empty(self.size, dtype=_I64)
+        out[self._slots] = self._codes
+        return out
+
+
+class Columns:
+    """Named per-slot arrays with fill values; ``grow(n)`` makes room for slots ``< n``."""
+
+    def __init__(self, **fills: tuple[Any, Any]) -> None:
+        self._fills = fills
+        self._cap = 0
+        for name, (dtype, _) in fills.items():
+            setattr(self, name, np.empty(0, dtype=dtype))
+
+    def grow(self, n: int) -> None:
+        if n <= self._cap:
+            return
+        cap = max(n, 2 * self._cap, 64)
+        for name, (dtype, fill) in self._fills.items():
+            old = getattr(self, name)
+            new = np.full(cap, fill, dtype=dtype)
+            new[: self._cap] = old[: self._cap]
+            setattr(self, name, new)
+        self._cap = cap
+
+
+class NumericState(Columns):
+    """Per (device, metric) state of numeric readings.
+
+    ``prev_*``: the reading with the greatest ``t`` (whatever its flags); ``ref_*``: the one
+    with the greatest ``t`` among those without OUT_OF_RANGE, SPIKE or NOT_FINITE;
+    ``run_t``: time of the first reading of the current run of equal values.
+    """
+
+    has_prev: np.ndarray
+    prev_t: np.ndarray
+    prev_v: np.ndarray
+    run_t: np.ndarray
+    has_ref: np.ndarray
+    ref_t: np.ndarray
+    ref_v: np.ndarray
+
+    def __init__(self) -> None:
+        super().__init__(
+            has_prev=(bool, False), prev_t=(_I64, 0), prev_v=(np.float64, 0.0), run_t=(_I64, 0),
+            has_ref=(bool, False), ref_t=(_I64, 0), ref_v=(np.float64, 0.0),
+        )
+
+
+class WaveformState(Columns):
+    """Per (device, metric) state of waveform blocks: the block with the greatest ``t0``.
+
+    ``prev_dur`` is that block's duration in ms (``n * 1000 / hz``), so its end is
+    ``prev_t + prev_dur``.
+    """
+
+    has_prev: np.ndarray
+    prev_t: np.ndarray
+    prev_dur: np.ndarray
+
+    def __init__(self) -> None:
+        super().__init__(has_prev=(bool, False), prev_t=(_I64, 0), prev_dur=(np.float64, 0.0))
+
+
+class CheckState:
+    """Everything the checks carry from one batch to the next; constructed empty.
+
+    One instance follows one stream of batches (a gateway, a replay). It is not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self.devices = Interner()
+        self.metrics = Interner()
+        self.profiles = Interner()
+        self.numeric_keys = KeyIndex()
+        self.numeric = NumericState()
+        self.waveform_keys = KeyIndex()
+        self.waveform = WaveformState()
+        self._params_key: tuple[Any, ...] | None = None
+        self._params: Any = None
+
+    def cached_params(self, key: tuple[Any, ...]) -> Any:
+        """The parameter tables built for ``key`` (see ``gateway.checks``), or None."""
+        return self._params if key == self._params_key else None
+
+    def store_params(self, key: tuple[Any, ...], params: Any) -> None:
+        self._params_key = key
+        self._params = params
