@@ -1,0 +1,48 @@
+# vitalgate developer entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= .venv/bin/python
+PYTEST_ARGS ?=
+BENCH_STAMP := .venv/.vitalgate-bench.stamp
+
+.PHONY: all setup test demo bench bench-peer lint clean distclean
+
+all: test
+
+# System packages, TimescaleDB and the venv with the dev extra; fast when done.
+setup:
+	bash scripts/setup.sh
+
+# The whole suite, integration tests included (they start their own PostgreSQL and mosquitto).
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PYTHON) -m bench.demo
+
+bench: setup $(BENCH_STAMP)
+	$(PYTHON) -m bench.run
+
+# Placeholder: the peer comparison (bench/peer.py) brings its own prerequisites.
+bench-peer: setup
+	$(PYTHON) -m bench.peer
+
+# The bench extra, reinstalled when pyproject.toml changes.
+$(BENCH_STAMP): pyproject.toml | setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+lint:
+	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then \
+		$(PYTHON) -m ruff check gateway tests bench; \
+	elif command -v ruff >/dev/null 2>&1; then \
+		ruff check gateway tests bench; \
+	else \
+		echo "ruff is not installed; skipping lint"; \
+	fi
+
+clean:
+	find . -path ./.venv -prune -o -type d \( -name __pycache__ -o -name .pytest_cache -o -name .hypothesis \) -print0 \
+		| xargs -0 rm -rf
+	rm -rf build dist *.egg-info .demo
+
+distclean: clean
+	rm -rf .venv
