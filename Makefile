@@ -26,9 +26,12 @@ bench-peer: setup
 	$(PYTHON) -m bench.peer
 
 # The bench extra, reinstalled when pyproject.toml changes.
+# Quiet on success (setuptools' build warnings are noise); the whole log on failure.
 $(BENCH_STAMP): pyproject.toml | setup
-	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
-	touch $@
+	@echo "==> venv: pip install -e '.[dev,bench]' (log: .venv/pip-install-bench.log)"
+	@$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,bench]' >.venv/pip-install-bench.log 2>&1 \
+		|| { cat .venv/pip-install-bench.log >&2; exit 1; }
+	@touch $@
 
 lint:
 	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then \

@@ -25,6 +25,10 @@ installed() { dpkg -s "$1" 2>/dev/null | grep -qx 'Status: install ok installed'
 
 [ "$(id -u)" -eq 0 ] || die "run as root (installs apt packages and TimescaleDB)"
 
+# One run at a time: concurrent `make test` runs would race on apt and on the venv.
+exec 9>/var/lock/vitalgate-setup.lock
+flock 9
+
 # --- apt packages (apt-get update only when something is missing)
 command -v "$PYTHON3" >/dev/null || APT_PACKAGES+=(python3)
 if ! "$PYTHON3" -c 'import ensurepip, venv' 2>/dev/null && [ "$(command -v "$PYTHON3")" = /usr/bin/python3 ]; then
