@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+import numpy as np
 from msgspec import Meta, Struct
 
 from gateway.errors import ProfileError
 
-__all__ = ["MetricSpec", "AlertRule", "ProfileInfo", "Profile", "load_profile", "load_profiles"]
+__all__ = ["MetricSpec", "AlertRule", "ProfileInfo", "Profile", "load_profile", "load_profiles", "Interner"]
 
 _NAME = r"^[a-z][a-z0-9_]{0,63}$"
 Name = Annotated[str, Meta(pattern=_NAME)]
@@ -173,3 +174,34 @@ def load_profiles(directory: str | Path) -> dict[str, Profile]:
     if not out:
         raise ProfileError(str(d), "", "no *.toml profiles found")
     return out
+
+
+class Interner(dict[str, int]):
+    """Dense integer ids of names (profiles, metrics, devices), in first-seen order.
+
+    The checks and the alert rules index their per (profile, metric) tables and their
+    per-device state with these ids, so that a whole batch is looked up at once.
+    """
+
+    def __missing__(self, key: str) -> int:
+        value = self[key] = len(self)
+        return value
+
+    def ids(self, names: np.ndarray) -> np.ndarray:
+        """Ids of an object array of ``str``, as ``int64``; unseen names get new ids.
+
+        Columns built from envelopes repeat the same device and profile for every reading of
+        an envelope, so runs of equal neighbours are looked up once. The lookup is a C-level
+        ``map`` over the dict (a hash-table factorize), not a Python loop.
+        """
+        n = len(names)
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        change = np.empty(n, dtype=bool)
+        change[0] = True
+        np.not_equal(names[1:], names[:-1], out=change[1:])
+        starts = np.flatnonzero(change)
+        if 2 * len(starts) > n:
+            return np.fromiter(map(self.__getitem__, names), dtype=np.int64, count=n)
+        run_ids = np.fromiter(map(self.__getitem__, names[starts]), dtype=np.int64, count=len(starts))
+        return np.repeat(run_ids, np.diff(np.append(starts, n)))

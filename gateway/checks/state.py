@@ -1,10 +1,9 @@
 """Keyed, columnar state carried between batches: per (device, metric) for the checks.
 
 Everything here works on whole arrays. Strings are turned into small integer ids once per
-batch (``Interner``); a pair of ids becomes one ``int64`` code, and ``KeyIndex`` maps codes
+batch (``gateway.profiles.Interner``); a pair of ids becomes one ``int64`` code, and ``KeyIndex`` maps codes
 to dense slot numbers with a sorted table and ``np.searchsorted``. Per-slot values live in
-``Columns``, plain numpy arrays that grow by doubling. The alert engine reuses the same
-three pieces for its per (device, rule) state.
+``Columns``, plain numpy arrays that grow by doubling.
 """
 
 from __future__ import annotations
@@ -13,38 +12,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Interner", "KeyIndex", "Columns", "NumericState", "WaveformState", "CheckState", "pair_codes"]
+from gateway.profiles import Interner
+
+__all__ = ["KeyIndex", "Columns", "NumericState", "WaveformState", "CheckState", "pair_codes"]
 
 _I64 = np.int64
 # Codes are ``high << 24 | low``: up to 16.7 million distinct low ids (metrics, rules).
 _LOW_BITS = 24
-
-
-class Interner(dict[str, int]):
-    """str -> dense id, in first-seen order; unseen names get the next id."""
-
-    def __missing__(self, key: str) -> int:
-        value = self[key] = len(self)
-        return value
-
-    def ids(self, names: np.ndarray) -> np.ndarray:
-        """Ids of an object array of ``str``, as ``int64``.
-
-        Columns built from envelopes repeat the same device and profile for every reading of
-        an envelope, so runs of equal neighbours are looked up once; the lookup itself is a
-        C-level ``map`` over a dict, like a hash-table factorize.
-        """
-        n = len(names)
-        if n == 0:
-            return np.empty(0, dtype=_I64)
-        change = np.empty(n, dtype=bool)
-        change[0] = True
-        np.not_equal(names[1:], names[:-1], out=change[1:])
-        starts = np.flatnonzero(change)
-        if 2 * len(starts) > n:
-            return np.fromiter(map(self.__getitem__, names), dtype=_I64, count=n)
-        run_ids = np.fromiter(map(self.__getitem__, names[starts]), dtype=_I64, count=len(starts))
-        return np.repeat(run_ids, np.diff(np.append(starts, n)))
 
 
 def pair_codes(high: np.ndarray, low: np.ndarray) -> np.ndarray:
