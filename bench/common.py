@@ -1,4 +1,6 @@
-"""Two QoS 1 MQTT publishers with one interface, for the fleet simulator.
+"""Shared pieces of the bench: QoS 1 MQTT publishers, the gateway subprocess, machine info.
+
+MQTT publishers, two with one interface, for the fleet simulator:
 
 - ``PahoLink``: paho-mqtt (MQTT 5 or 3.1.1), driven from the calling thread (no network
   thread). It buffers socket writes and reads, so a burst of publishes costs one
@@ -17,14 +19,24 @@ broker accepted the message but nobody was subscribed, so nobody will ever get i
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["Link", "PahoLink", "RawLink", "open_link", "parse_mqtt_url", "NO_MATCHING_SUBSCRIBERS"]
+__all__ = [
+    "Link", "PahoLink", "RawLink", "open_link", "parse_mqtt_url", "NO_MATCHING_SUBSCRIBERS",
+    "REPO", "free_port", "stat_cpu_s", "proc_cpu_s", "machine_info", "package_versions", "mosquitto_version", "git_revision",
+    "GatewayProcess", "forget_mqtt_session",
+]
 
 NO_MATCHING_SUBSCRIBERS = 16
 AckCallback = Callable[[Any, int], None]
@@ -379,3 +391,231 @@ class RawLink:
         except OSError:
             pass
         self._sock.close()
+
+
+# --------------------------------------------------------------------------------------
+# Processes, machine and versions (used by the demo and the benches)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc/PID/stat; 0.0 if gone.
+
+    Cheap enough to call every 50 ms (one small file read).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_cpu_s(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of a process (and its live descendants); 0.0 if gone."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        t = p.cpu_times()
+        total = t.user + t.system
+        if children:
+            for c in p.children(recursive=True):
+                try:
+                    ct = c.cpu_times()
+                    total += ct.user + ct.system
+                except psutil.Error:
+                    pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = []
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": load,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("vitalgate", "asyncpg", "aiomqtt", "paho-mqtt", "msgspec", "orjson", "numpy", "uvloop", "prometheus-client"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def mosquitto_version(binary: str = "mosquitto") -> str:
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "-"
+    first = out.splitlines()[0] if out else ""
+    return first.replace("mosquitto version ", "").strip() or "-"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except OSError:
+        return "-"
+
+
+class GatewayProcess:
+    """``python -m gateway run`` as a subprocess, configured by environment, log in a file.
+
+    Ready means: the log says ``Subscribed.`` (the MQTT subscription exists, so nothing
+    published from now on is lost) and, if a metrics port is set, the metrics endpoint
+    answers.
+    """
+
+    def __init__(self, log_path: Any, *, database_url: str, mqtt_url: str, client_id: str, gateway_id: str,
+                 profiles_dir: str, metrics_port: int = 0, extra_env: dict[str, str] | None = None) -> None:
+        self.log_path = Path(log_path)
+        self.metrics_port = metrics_port
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")},
+            "VITALGATE_DATABASE_URL": database_url,
+            "VITALGATE_MQTT_URL": mqtt_url,
+            "VITALGATE_MQTT_CLIENT_ID": client_id,
+            "VITALGATE_GATEWAY_ID": gateway_id,
+            "VITALGATE_PROFILES_DIR": profiles_dir,
+            "VITALGATE_METRICS_PORT": str(metrics_port),
+            **(extra_env or {}),
+        }
+        self.proc: Any = None
+        self._mark = 0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self._mark = self.log_path.stat().st_size
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_since_start(self) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._mark)
+            return f.read().decode(errors="replace")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def metrics_text(self) -> str | None:
+        if not self.metrics_port:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                return str(r.read().decode())
+        except OSError:
+            return None
+
+    def metric(self, name: str) -> float | None:
+        """Sum of all samples of one metric from the Prometheus exposition (None if absent)."""
+        text = self.metrics_text()
+        if text is None:
+            return None
+        total, found = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(name) and len(line) > len(name) and line[len(name)] in " {":
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        return total if found else None
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Block until subscribed (and metrics served); return seconds waited. Raises with the log tail."""
+        t0 = time.monotonic()
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"gateway exited with code {self.proc.returncode} while starting:\n{self.log_tail()}")
+            if "Subscribed." in self.log_since_start() and (not self.metrics_port or self.metrics_text() is not None):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"gateway not subscribed after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; return the exit code (SIGKILL and raise on timeout)."""
+        if not self.alive():
+            return int(self.proc.returncode)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return int(self.proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise TimeoutError(f"gateway did not exit within {timeout:.0f} s of SIGTERM (killed):\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def forget_mqtt_session(url: str, client_id: str) -> None:
+    """Remove a persistent MQTT session from the broker (connect clean with expiry 0, disconnect).
+
+    A gateway's persistent session otherwise stays on the broker after the gateway is
+    gone, and the broker keeps queueing every telemetry message for it.
+    """
+    host, port = parse_mqtt_url(url)
+    sock = socket.create_connection((host, port), timeout=5)
+    try:
+        vh = _str("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 10) + b"\x05\x11\x00\x00\x00\x00"
+        body = vh + _str(client_id)
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        sock.recv(64)
+        sock.sendall(b"\xe0\x00")
+    finally:
+        sock.close()

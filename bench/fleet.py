@@ -11,7 +11,12 @@ Two ways to run:
   own offset within the interval; readings carry wall-clock times.
 - **flat out** (``--rate 0``): as fast as the broker acknowledges, bounded by ``--window``
   unacknowledged messages per process. With ``--envelopes N`` all payloads are generated
-  before the clock starts and reading times are back-dated so the last ones are "now".
+  before the clock starts; the simulated time they span is compressed into however long
+  publishing takes, so reading times are laid out with the newest 45 s ahead of the wall
+  clock (under the gateway's default 60 s clock skew) and the oldest as far back as the
+  span needs. Keep the span (envelopes per device x interval) under ~45 s, or the
+  gateway will, correctly, see devices silent for longer than their ``silent`` rules
+  allow and open those alerts. Without ``--envelopes`` readings start 12 h back.
 
 Counters are kept per process in shared memory and summed by ``Fleet.stats()``: envelopes,
 numeric readings and waveform samples *published* and *acknowledged by the broker*
@@ -56,10 +61,12 @@ PREFIX = {
 }
 
 CONTENT_TYPE = {"json": "application/json", "msgpack": "application/msgpack"}
+FUTURE_MS = 45_000  # flat out with a total: how far ahead of the wall clock the newest readings are
 
 # Shared counter slots, per process.
-(PUB_ENV, PUB_READ, PUB_SAMP, PUB_BAD, PUB_BYTES, ACK_ENV, ACK_READ, ACK_SAMP, ACK_BAD, ACK_FAIL, NO_SUBS, STATE, PID) = range(13)
-NFIELDS = 13
+(PUB_ENV, PUB_READ, PUB_SAMP, PUB_BAD, PUB_BYTES, ACK_ENV, ACK_READ, ACK_SAMP, ACK_BAD, ACK_FAIL, NO_SUBS, STATE, PID,
+ CPU_MS) = range(14)
+NFIELDS = 14
 INIT, READY, RUNNING, DONE, FAILED = 0, 1, 2, 3, -1
 
 # Deliberately malformed payloads, one kind after the other: (kind, what the gateway should say).
@@ -169,6 +176,7 @@ class FleetStats:
     no_subscribers: int
     processes_done: int
     processes: int
+    publisher_cpu_s: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -328,7 +336,9 @@ class _Worker:
     # -- generation -------------------------------------------------------------------
 
     def window_messages(self, start_ms: int) -> list[tuple[int, str, bytes, str, int, int, int]]:
-        """All devices' next envelopes: (send offset ms, topic, payload, encoding, readings, samples, bad)."""
+        """All devices' envelopes for their next window: (send offset ms, topic, payload, encoding, readings,
+        samples, bad), sorted by send offset. ``start_ms`` is the epoch ms of the stream's start (window 0).
+        """
         out: list[tuple[int, str, bytes, str, int, int, int]] = []
         mal = self.cfg.malformed
         for pname, group, devs in self.groups:
@@ -375,6 +385,7 @@ class _Worker:
         c, b = self.counters, self.base
         for i in range(STATE):
             c[b + i] = self.local[i]
+        c[b + CPU_MS] = int(time.process_time() * 1000)
 
     def set_state(self, state: int) -> None:
         self.counters[self.base + STATE] = state
@@ -397,10 +408,14 @@ class _Worker:
         try:
             pregenerated: list[list[tuple[int, str, bytes, str, int, int, int]]] | None = None
             if cfg.flat_out and total_windows is not None:
-                start_ms = self.start_ms or int(time.time() * 1000 - (total_windows + 1) * cfg.interval_s * 1000)
+                # The newest readings 45 s ahead of the wall clock, older ones as far back as needed:
+                # a gateway ingesting within ~75 s never sees a device silent for 30 s (the shortest
+                # ``silent`` rule), and nothing is beyond the default 60 s clock skew.
+                span_ms = (total_windows + 1) * cfg.interval_s * 1000
+                start_ms = self.start_ms or int(time.time() * 1000 + FUTURE_MS - span_ms)
                 pregenerated = []
                 while self._quota_left() and len(pregenerated) < 2 * total_windows + 10:
-                    pregenerated.append(self.window_messages(start_ms + int(round(len(pregenerated) * cfg.interval_s * 1000))))
+                    pregenerated.append(self.window_messages(start_ms))
                 total_windows = len(pregenerated)
             self.set_state(READY)
             start_event.wait()
@@ -458,9 +473,7 @@ class _Worker:
         k = 0
         last_flush = time.monotonic()
         while total_windows is None or k < total_windows:
-            msgs = pregenerated[k] if pregenerated is not None else self.window_messages(
-                start_ms + int(round(k * cfg.interval_s * 1000))
-            )
+            msgs = pregenerated[k] if pregenerated is not None else self.window_messages(start_ms)
             if pregenerated is not None:
                 pregenerated[k] = []  # free memory as we go
             for i, msg in enumerate(msgs):
@@ -493,7 +506,7 @@ class _Worker:
                 self.flush_counters()
                 if stop_event.is_set():
                     return
-            msgs = self.window_messages(wstart_ms)
+            msgs = self.window_messages(start_ms)
             for msg in msgs:
                 # A window's envelope is sent when its window ends, at the device's offset.
                 due = (wstart_ms + interval_ms + msg[0]) / 1000.0
@@ -606,7 +619,7 @@ class Fleet:
         tot = [0] * NFIELDS
         done = 0
         for i in range(self.cfg.processes):
-            for f in range(STATE):
+            for f in (*range(STATE), CPU_MS):
                 tot[f] += c[i * NFIELDS + f]
             done += c[i * NFIELDS + STATE] == DONE
         end = self._t_end if self._t_end is not None else time.monotonic()
@@ -614,6 +627,7 @@ class Fleet:
         return FleetStats(
             elapsed, tot[PUB_ENV], tot[PUB_READ], tot[PUB_SAMP], tot[PUB_BAD], tot[PUB_BYTES],
             tot[ACK_ENV], tot[ACK_READ], tot[ACK_SAMP], tot[ACK_BAD], tot[ACK_FAIL], tot[NO_SUBS], done, self.cfg.processes,
+            tot[CPU_MS] / 1000.0,
         )
 
     def done(self) -> bool:

@@ -50,7 +50,7 @@ def test_envelopes_decode_and_validate(encoding: str) -> None:
     seqs: dict[str, list[int]] = {}
     readings = samples = 0
     for k in range(3):
-        for _, topic, payload, enc, n_read, n_samp, bad in w.window_messages(1_764_187_200_000 + k * 1000):
+        for _, topic, payload, enc, n_read, n_samp, bad in w.window_messages(1_764_187_200_000):
             assert enc == encoding and not bad
             did = topic.split("/")[1]
             assert topic == f"devices/{did}/telemetry"
@@ -95,3 +95,25 @@ def test_varint() -> None:
     assert _varint(128) == b"\x80\x01"
     assert _varint(16_383) == b"\xff\x7f"
     assert _varint(2_097_152) == b"\x80\x80\x80\x01"
+
+
+def test_consecutive_envelopes_of_a_device_are_contiguous_in_time() -> None:
+    cfg = FleetConfig(profiles_dir=str(PROFILES_DIR), devices=4, mix={"patient_monitor": 1}, processes=1,
+                      interval_s=2.0, numerics_per_envelope=2, encoding="json")
+    w = _Worker(0, cfg, {"patient_monitor": [1, 2, 3, 4]}, {}, [0] * 16)
+    start = 1_764_187_200_000
+    by_device: dict[str, list[Envelope]] = {}
+    for _ in range(4):
+        for m in w.window_messages(start):
+            env = msgspec.json.decode(m[2], type=Envelope)
+            by_device.setdefault(env.device_id, []).append(env)
+    for did, envs in by_device.items():
+        times = [n.t for e in envs for n in e.numerics if "heart_rate" in n.values]
+        assert len(times) == 8
+        assert all(b - a == 1000 for a, b in zip(times, times[1:])), (did, times)
+        assert start + 1000 <= times[0] < start + 3000  # device offset (< interval) + first step
+        for metric in ("ecg_ii", "pleth", "resp"):
+            blocks = [b for e in envs for b in e.waveforms if b.metric == metric]
+            for a, b in zip(blocks, blocks[1:]):
+                assert abs(b.t0 - (a.t0 + len(a.samples) * 1000 / a.hz)) < 1, (did, metric)
+        assert all(e.sent_at >= max(n.t for n in e.numerics) for e in envs)
