@@ -513,7 +513,8 @@ class GatewayProcess:
     """
 
     def __init__(self, log_path: Any, *, database_url: str, mqtt_url: str, client_id: str, gateway_id: str,
-                 profiles_dir: str, metrics_port: int = 0, extra_env: dict[str, str] | None = None) -> None:
+                 profiles_dir: str, metrics_port: int = 0, extra_env: dict[str, str] | None = None,
+                 python_args: list[str] | None = None) -> None:
         self.log_path = Path(log_path)
         self.metrics_port = metrics_port
         self.env = {
@@ -526,6 +527,7 @@ class GatewayProcess:
             "VITALGATE_METRICS_PORT": str(metrics_port),
             **(extra_env or {}),
         }
+        self.python_args = list(python_args or [])  # e.g. ["-m", "cProfile", "-o", FILE]
         self.proc: Any = None
         self._mark = 0
 
@@ -533,7 +535,7 @@ class GatewayProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self._mark = self.log_path.stat().st_size
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "gateway", "run"], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 

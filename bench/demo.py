@@ -7,8 +7,9 @@ never meets old tables); it stays after the demo for you to query.
 
 Steps: start ``vitalgate run`` as a subprocess (gateway id ``demo``, a new MQTT client id
 per run, a free metrics port), wait until it has subscribed, run a fleet of a few hundred
-simulated devices (mostly pulse oximeters and patient monitors, one envelope per device
-per second, JSON and MessagePack mixed, a few deliberately malformed payloads) for
+simulated devices (mostly pulse oximeters and patient monitors, which send one envelope
+per second; the other device types report at their profiles' intervals, a thermometer
+once a minute; JSON and MessagePack mixed; a few deliberately malformed payloads) for
 ``--seconds``, printing one progress line per second; then stop the fleet, wait until
 everything published is committed, stop the gateway with SIGTERM (exit code 0 expected)
 and print a summary with example queries. At the end the gateway's persistent MQTT
@@ -244,7 +245,8 @@ async def demo(args: argparse.Namespace) -> int:
             raise DemoError(str(exc)) from None
         _say(f"Gateway subscribed after {ready:.1f} s. Fleet: {cfg.devices} devices ("
              + ", ".join(f"{p} {n}" for p, n in fleet.per_profile.items())
-             + f"), one envelope per device per second, for {args.seconds:.0f} s.")
+             + f"), each device reporting at its profile's intervals (oximeters and monitors every second), "
+             f"for {args.seconds:.0f} s.")
         conn = await _connect(DEMO_DSN)
         await asyncio.to_thread(fleet.start)
         t0 = time.monotonic()
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the fleet runs (default %(default)s)")
     ap.add_argument("--devices", type=int, default=300, help="simulated devices (default %(default)s)")
     ap.add_argument("--processes", type=int, default=2, help="publisher processes (default %(default)s)")
-    ap.add_argument("--malformed", type=float, default=0.002,
+    ap.add_argument("--malformed", type=float, default=0.003,
                     help="probability per envelope of an extra malformed payload (default %(default)s)")
     ap.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for the last commits")
     args = ap.parse_args(argv)

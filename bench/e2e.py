@@ -73,6 +73,7 @@ class E2EConfig:
     poll_s: float = 0.05
     timeout_s: float = 300.0
     gateway_env: dict[str, str] = field(default_factory=dict)  # extra VITALGATE_* settings
+    profile_gateway: bool = False  # run the gateway under cProfile; top functions go into the results
     keep: bool = False
 
     @property
@@ -224,6 +225,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         work / f"gateway-{mode}.log", database_url=dsn, mqtt_url=mq.url, client_id=client_id, gateway_id="bench",
         profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(),
         extra_env={"VITALGATE_LOG_LEVEL": "INFO", **cfg.gateway_env},
+        python_args=["-m", "cProfile", "-o", str(work / f"gateway-{mode}.prof")] if cfg.profile_gateway else None,
     )
     fcfg = FleetConfig(
         url=mq.url, profiles_dir=str(REPO / "device_profiles"), devices=cfg.devices, mix={"pulse_oximeter": 1.0},
@@ -300,6 +302,8 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         result["gateway_exit_code"] = gw.stop(120)
         if result["gateway_exit_code"] != 0:
             raise RuntimeError(f"gateway exited with code {result['gateway_exit_code']}:\n{gw.log_tail()}")
+        if cfg.profile_gateway:
+            result["gateway_profile"] = _profile_top(work / f"gateway-{mode}.prof")
         return result
     except BaseException:
         result["gateway_log_tail"] = gw.log_tail(60) if gw.log_path.exists() else ""
@@ -308,6 +312,18 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         gw.kill()
         if conn is not None:
             await conn.close()
+
+
+def _profile_top(path: Path, n: int = 40) -> str:
+    """The gateway's cProfile output (whole process life, both restarts in backlog mode), by own time."""
+    import io
+    import pstats
+
+    if not path.exists():
+        return "(no profile written)"
+    out = io.StringIO()
+    pstats.Stats(str(path), stream=out).sort_stats("tottime").print_stats(n)
+    return out.getvalue()
 
 
 async def _versions(dsn: str) -> dict[str, str]:
@@ -472,6 +488,8 @@ def print_table(results: dict[str, Any], out: Any = sys.stdout) -> None:
     for r in results["runs"]:
         if "error" in r:
             print(f"\n{r['mode']} FAILED: {r['error']}", file=out)
+        if "gateway_profile" in r:
+            print(f"\n{r['mode']}: gateway cProfile, by own time (whole process)\n{r['gateway_profile']}", file=out)
 
 
 def ok(results: dict[str, Any]) -> bool:
@@ -496,6 +514,8 @@ def _args(argv: list[str] | None) -> E2EConfig:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for each ingest")
     ap.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra gateway setting, e.g. VITALGATE_BATCH_MAX_ROWS=20000 (repeatable)")
+    ap.add_argument("--profile-gateway", action="store_true",
+                    help="run the gateway under cProfile and put its top functions into the results")
     ap.add_argument("--keep", action="store_true", help="keep the services' directory (logs) afterwards")
     a = ap.parse_args(argv)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -506,6 +526,7 @@ def _args(argv: list[str] | None) -> E2EConfig:
         readings=a.readings, devices=a.devices, processes=a.processes, client=a.client, mqtt_version=a.mqtt,
         encoding=a.encoding, modes=modes, fsync=a.fsync == "on", rows_per_copy=a.rows_per_copy,
         raw_repeats=a.raw_repeats, timeout_s=a.timeout, gateway_env=env, keep=a.keep,
+        profile_gateway=a.profile_gateway,
     )
 
 
