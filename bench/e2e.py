@@ -1,6 +1,6 @@
 """End-to-end bench: publishers -> mosquitto -> ``vitalgate run`` -> TimescaleDB, on throwaway services.
 
-Scenario (fixed, so figures compare across runs): pulse oximeters, each envelope carrying
+Scenario (fixed, so figures compare across runs): pulse oximeters (one per 3 envelopes), each envelope carrying
 5 ``numerics`` entries of ``spo2`` + ``pulse_rate`` one second apart (a device batching
 5 s), i.e. **10 numeric readings per envelope**, no waveforms, realistic signals with
 artifacts (so some readings are flagged and alerts open). JSON and MessagePack mixed
@@ -61,7 +61,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 @dataclass
 class E2EConfig:
     readings: int = 300_000
-    devices: int = 10_000
+    devices: int | None = None  # default: one device per 3 envelopes (15 s of signal each)
     processes: int = 2
     client: str = "raw"
     mqtt_version: str = "5"
@@ -79,6 +79,10 @@ class E2EConfig:
     @property
     def envelopes(self) -> int:
         return self.readings // READINGS_PER_ENVELOPE
+
+    @property
+    def n_devices(self) -> int:
+        return self.devices if self.devices is not None else max(1, self.envelopes // 3)
 
 
 def _wait_for_services_module(timeout: float = 1800.0) -> None:
@@ -228,7 +232,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         python_args=["-m", "cProfile", "-o", str(work / f"gateway-{mode}.prof")] if cfg.profile_gateway else None,
     )
     fcfg = FleetConfig(
-        url=mq.url, profiles_dir=str(REPO / "device_profiles"), devices=cfg.devices, mix={"pulse_oximeter": 1.0},
+        url=mq.url, profiles_dir=str(REPO / "device_profiles"), devices=cfg.n_devices, mix={"pulse_oximeter": 1.0},
         processes=cfg.processes, interval_s=5.0, flat_out=True, envelopes=cfg.envelopes, encoding=cfg.encoding,
         mqtt_version=cfg.mqtt_version, client=cfg.client, numerics_per_envelope=5, metrics=["spo2", "pulse_rate"],
         waveforms=False, artifacts=True, seed=7, client_id_prefix=f"bench-{mode}",
@@ -299,6 +303,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
             k: gw.metric(k) for k in ("gateway_readings_written_total", "gateway_batches_written_total",
                                       "gateway_seq_gaps_total", "gateway_write_errors_total")
         }
+        result["gateway_peak_rss_mib"] = _peak_rss_mib(gw.pid)
         result["gateway_exit_code"] = gw.stop(120)
         if result["gateway_exit_code"] != 0:
             raise RuntimeError(f"gateway exited with code {result['gateway_exit_code']}:\n{gw.log_tail()}")
@@ -312,6 +317,18 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         gw.kill()
         if conn is not None:
             await conn.close()
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    """Peak resident memory (VmHWM) of a live process, MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _profile_top(path: Path, n: int = 40) -> str:
@@ -358,6 +375,7 @@ async def run(cfg: E2EConfig) -> dict[str, Any]:
         "config": {
             **{k: v for k, v in asdict(cfg).items() if k != "keep"},
             "envelopes": cfg.envelopes,
+            "devices": cfg.n_devices,
             "readings_per_envelope": READINGS_PER_ENVELOPE,
             "scenario": "pulse_oximeter, 5 numerics entries x (spo2, pulse_rate) per envelope, no waveforms, "
                         "artifacts on, flat out",
@@ -472,6 +490,7 @@ def print_table(results: dict[str, Any], out: Any = sys.stdout) -> None:
     row("publishers CPU s", lambda r: f"{r['published']['publisher_cpu_s']:.2f}")
     row(f"machine busy, cores of {results['machine']['nproc']}", lambda r: f"{r['window']['machine_busy_cores']:.2f}")
     row("flagged readings / alerts", lambda r: f"{r['committed']['n_flagged']:,} / {r['committed']['alerts']:,}")
+    row("gateway peak RSS, MiB", lambda r: _f(r["gateway_peak_rss_mib"]))
     row("gateway exit code", lambda r: str(r["gateway_exit_code"]))
     if raw:
         row("raw COPY rows/s (same rows)", lambda r: _f(raw["rows_per_s"]))
@@ -502,7 +521,8 @@ def ok(results: dict[str, Any]) -> bool:
 def _args(argv: list[str] | None) -> E2EConfig:
     ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--readings", type=int, default=300_000, help="total readings (10 per envelope)")
-    ap.add_argument("--devices", type=int, default=10_000, help="simulated devices (default %(default)s: 3 envelopes each, 15 s of signal)")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="simulated devices (default: envelopes / 3, i.e. 15 s of signal per device)")
     ap.add_argument("--processes", type=int, default=2, help="publisher processes")
     ap.add_argument("--client", choices=("raw", "paho"), default="raw")
     ap.add_argument("--mqtt", choices=("5", "3.1.1"), default="5")
