@@ -16,8 +16,21 @@ __all__ = ["sort_groups", "group_first", "shift", "last_marked", "segmented_cumm
 _I64 = np.int64
 
 
-def sort_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stable order by key (arrival order kept inside a key) and the group-start mask."""
+def sort_groups(keys: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Order that makes every key's readings contiguous, in arrival order, and group starts.
+
+    Returns ``None`` for the order when every key occurs once: then each reading is its own
+    group and arrival order already qualifies, so no sort (and no reordering) is needed.
+
+    Args:
+        keys: non-negative int64 keys (slots), in arrival order.
+        scratch: an int64 array longer than the largest key, free to overwrite.
+    """
+    n = len(keys)
+    position = np.arange(n, dtype=_I64)
+    scratch[keys] = position  # with repeated keys the last write wins
+    if np.array_equal(scratch[keys], position):
+        return None, np.ones(n, dtype=bool)
     order = np.argsort(keys, kind="stable")
     return order, group_first(keys[order])
 

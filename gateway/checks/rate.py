@@ -11,16 +11,16 @@ that become ``ref`` are exactly the chain ``s, next(s), next(next(s)), ...`` fro
 group's start ``s`` (the carried ``ref``, or the first candidate when there is none), and
 every other candidate is a SPIKE.
 
-1. ``next`` is found for all candidates within a window of ``WINDOW`` positions, one
-   vectorized comparison per offset over the still-open candidates.
+1. ``next`` is found for all candidates within a window of ``WINDOW`` positions, with one
+   (candidates x WINDOW) vectorized comparison.
 2. The chain is marked with pointer doubling (``groups.mark_paths``): O(log length) rounds.
 3. A chain can only stop early at a candidate whose ``next`` lies beyond the window (more
    than ``WINDOW`` SPIKEs in a row). Only those candidates - at most one per group per
    round - are searched further, in doubling windows, and marking resumes from their
    ``next``. Rounds are bounded by the number of such long SPIKE runs, not by readings.
 
-Finally every reading (candidates and the rest) is compared against the last chain member
-before it, with the exact expression above; for candidates this reproduces the chain.
+Finally the readings that are not candidates are compared against the last chain member
+before them, with the exact expression above.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import numpy as np
 
 from gateway.checks.groups import group_first, last_marked, mark_paths, shift
 
-__all__ = ["spikes", "WINDOW"]
+__all__ = ["spikes", "compatible", "WINDOW"]
 
 WINDOW = 4
 _I64 = np.int64
 
 
-def _compatible(kt: np.ndarray, kv: np.ndarray, mt: np.ndarray, mv: np.ndarray, rate: np.ndarray) -> np.ndarray:
+def compatible(kt: np.ndarray, kv: np.ndarray, mt: np.ndarray, mv: np.ndarray, rate: np.ndarray) -> np.ndarray:
     """Not a SPIKE: reading (mt, mv) measured against reference (kt, kv); ``mt > kt``.
 
     Callers may pass padding pairs outside a group (masked afterwards), hence the errstate.
@@ -61,7 +61,7 @@ class _Nodes:
         inside = cand < self.n
         c = np.minimum(cand, self.n - 1)
         valid = inside & (self.gid[c] == self.gid[k][:, None])
-        ok = valid & _compatible(self.t[k][:, None], self.v[k][:, None], self.t[c], self.v[c], self.rate[c])
+        ok = valid & compatible(self.t[k][:, None], self.v[k][:, None], self.t[c], self.v[c], self.rate[c])
         found = ok.any(axis=1)
         where = cand[np.arange(len(k)), np.argmax(ok, axis=1)]
         none = ~found & ~valid.all(axis=1)
@@ -87,31 +87,71 @@ def spikes(
         reading at or before it, in its group, that became ``ref``; -1 when none did, in
         which case the carried ``ref`` still holds).
     """
-    n = len(t)
-    gid = np.cumsum(first, dtype=_I64) - 1
-    group_pos = last_marked(first)
-    cpos = np.flatnonzero(candidate)
-    starts = np.flatnonzero(first & has_ref)
-    at = np.searchsorted(cpos, starts)
+    # Each candidate against the node before it (previous candidate, else the carried ref).
+    # In a group where all of these are compatible, the chain is every candidate (next(k) is
+    # k + 1 throughout): only groups with an incompatible pair need the chain machinery.
+    if candidate.all():
+        cpos, cfirst = None, first
+        ct, cv, crate, c_has, c_rt, c_rv = t, v, rate, has_ref, ref_t, ref_v
+    else:
+        cpos = np.flatnonzero(candidate)
+        cfirst = group_first((np.cumsum(first, dtype=_I64) - 1)[cpos])
+        ct, cv, crate, c_has, c_rt, c_rv = t[cpos], v[cpos], rate[cpos], has_ref[cpos], ref_t[cpos], ref_v[cpos]
+    before_t = np.where(cfirst, c_rt, shift(ct, 0))
+    before_v = np.where(cfirst, c_rv, shift(cv, 0.0))
+    broken = (~cfirst | c_has) & ~compatible(before_t, before_v, ct, cv, crate)
+    became_ref = candidate.copy()
+    if broken.any():
+        gid = np.cumsum(first, dtype=_I64) - 1
+        cand_pos = np.arange(len(t), dtype=_I64) if cpos is None else cpos
+        cg = gid[cand_pos]
+        hard_group = np.zeros(int(gid[-1]) + 1, dtype=bool)
+        hard_group[cg[broken]] = True
+        hard = cand_pos[hard_group[cg]]
+        became_ref[hard] = False
+        became_ref[_chain_of(t, v, rate, first, gid, hard, hard_group, has_ref, ref_t, ref_v)] = True
+    ref_at = last_marked(became_ref)
+    ref_at[ref_at < last_marked(first)] = -1
+    # A candidate is a SPIKE exactly when it is not on the chain; any other reading is
+    # measured against the last ref before it.
+    spike = candidate & ~became_ref
+    if cpos is not None:
+        other = np.flatnonzero(~candidate)
+        before = np.where(first[other], -1, ref_at[other - 1])
+        own = before >= 0
+        rt = np.where(own, t[before], ref_t[other])
+        rv = np.where(own, v[before], ref_v[other])
+        spike[other] = (own | has_ref[other]) & ~compatible(rt, rv, t[other], v[other], rate[other])
+    return spike, ref_at
+
+
+def _chain_of(
+    t: np.ndarray, v: np.ndarray, rate: np.ndarray, first: np.ndarray, gid: np.ndarray, cpos: np.ndarray,
+    in_group: np.ndarray, has_ref: np.ndarray, ref_t: np.ndarray, ref_v: np.ndarray,
+) -> np.ndarray:
+    """Positions of the candidates ``cpos`` (of the groups ``in_group``) that become ``ref``."""
+    starts = np.flatnonzero(first & has_ref & in_group[gid])
+    # Interleave: the carried ref of a group goes right before the group's first candidate.
+    size = len(cpos) + len(starts)
+    virtual = np.searchsorted(cpos, starts) + np.arange(len(starts), dtype=_I64)
+    real = np.ones(size, dtype=bool)
+    real[virtual] = False
+
+    def nodes_of(from_candidates: np.ndarray, from_state: np.ndarray | float) -> np.ndarray:
+        out = np.empty(size, dtype=from_candidates.dtype)
+        out[real] = from_candidates
+        out[virtual] = from_state
+        return out
+
     nodes = _Nodes(
-        np.insert(t[cpos], at, ref_t[starts]),
-        np.insert(v[cpos], at, ref_v[starts]),
-        np.insert(rate[cpos], at, np.inf),
-        np.insert(gid[cpos], at, gid[starts]),
-        np.insert(cpos, at, -1),
+        nodes_of(t[cpos], ref_t[starts]),
+        nodes_of(v[cpos], ref_v[starts]),
+        nodes_of(rate[cpos], np.inf),
+        nodes_of(gid[cpos], gid[starts]),
+        nodes_of(cpos, -1),
     )
     on = _chain(nodes)
-    became_ref = np.zeros(n, dtype=bool)
-    became_ref[nodes.pos[on & (nodes.pos >= 0)]] = True
-    ref_at = last_marked(became_ref)
-    ref_at[ref_at < group_pos] = -1
-    before = shift(ref_at, -1)
-    before[first] = -1
-    own = before >= 0
-    rt = np.where(own, t[before], ref_t)
-    rv = np.where(own, v[before], ref_v)
-    spike = (own | has_ref) & ~_compatible(rt, rv, t, v, rate)
-    return spike, ref_at
+    return nodes.pos[on & (nodes.pos >= 0)]
 
 
 def _chain(nodes: _Nodes) -> np.ndarray:
@@ -120,15 +160,10 @@ def _chain(nodes: _Nodes) -> np.ndarray:
     link = np.full(n + 1, n, dtype=_I64)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    open_ = np.arange(n, dtype=_I64)
-    for d in range(1, WINDOW + 1):
-        found, none, where = nodes.links_from(open_, np.full(len(open_), d, dtype=_I64), 1)
-        link[open_[found]] = where[found]
-        open_ = open_[~found & ~none]
-        if not len(open_):
-            break
-    unresolved = np.zeros(n, dtype=bool)
-    unresolved[open_] = True
+    every = np.arange(n, dtype=_I64)
+    found, none, where = nodes.links_from(every, np.ones(n, dtype=_I64), WINDOW)
+    link[every[found]] = where[found]
+    unresolved = ~found & ~none
     on = np.zeros(n, dtype=bool)
     jumps = [link]
     starts = np.flatnonzero(group_first(nodes.gid))

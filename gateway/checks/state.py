@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.profiles import Interner
+from gateway.profiles import SHARED_NAMES, Names
 
 __all__ = ["KeyIndex", "Columns", "NumericState", "WaveformState", "CheckState", "pair_codes"]
 
@@ -97,11 +97,12 @@ class NumericState(Columns):
     has_ref: np.ndarray
     ref_t: np.ndarray
     ref_v: np.ndarray
+    scratch: np.ndarray  # work space of ``groups.sort_groups``
 
     def __init__(self) -> None:
         super().__init__(
             has_prev=(bool, False), prev_t=(_I64, 0), prev_v=(np.float64, 0.0), run_t=(_I64, 0),
-            has_ref=(bool, False), ref_t=(_I64, 0), ref_v=(np.float64, 0.0),
+            has_ref=(bool, False), ref_t=(_I64, 0), ref_v=(np.float64, 0.0), scratch=(_I64, 0),
         )
 
 
@@ -115,9 +116,10 @@ class WaveformState(Columns):
     has_prev: np.ndarray
     prev_t: np.ndarray
     prev_dur: np.ndarray
+    scratch: np.ndarray
 
     def __init__(self) -> None:
-        super().__init__(has_prev=(bool, False), prev_t=(_I64, 0), prev_dur=(np.float64, 0.0))
+        super().__init__(has_prev=(bool, False), prev_t=(_I64, 0), prev_dur=(np.float64, 0.0), scratch=(_I64, 0))
 
 
 class CheckState:
@@ -126,10 +128,11 @@ class CheckState:
     One instance follows one stream of batches (a gateway, a replay). It is not thread-safe.
     """
 
-    def __init__(self) -> None:
-        self.devices = Interner()
-        self.metrics = Interner()
-        self.profiles = Interner()
+    def __init__(self, names: Names = SHARED_NAMES) -> None:
+        """Args: names: name interners; the process-wide ones by default (ids are labels only)."""
+        self.devices = names.devices
+        self.metrics = names.metrics
+        self.profiles = names.profiles
         self.numeric_keys = KeyIndex()
         self.numeric = NumericState()
         self.waveform_keys = KeyIndex()

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 
 from gateway.model import ARTIFACT_FLAGS, AlertEvent, NumericColumns, WaveformColumns
-from gateway.profiles import AlertRule, Interner, Profile
+from gateway.profiles import SHARED_NAMES, AlertRule, Names, Profile, same_envelope
 from gateway.rules.silent import SilentRules
 from gateway.rules.threshold import ThresholdRules, group_first
 
@@ -36,14 +35,18 @@ class _Rule:
 class AlertEngine:
     """Alert state of every (device, rule), advanced batch by batch."""
 
-    def __init__(self, profiles: Mapping[str, Profile]) -> None:
-        """Args: profiles: the loaded device profiles by name (fixed for the engine's life)."""
+    def __init__(self, profiles: Mapping[str, Profile], names: Names = SHARED_NAMES) -> None:
+        """Create the engine.
+
+        Args:
+            profiles: the loaded device profiles by name (fixed for the engine's life).
+            names: name interners; the process-wide ones by default (ids are labels only).
+        """
         self._rules: list[_Rule] = [_Rule(name, r) for name in sorted(profiles) for r in profiles[name].alerts]
         self._rule_gid = {(r.profile, r.rule.name): i for i, r in enumerate(self._rules)}
-        self._profiles = Interner()
-        self._metrics = Interner()
-        self._devices = Interner()
-        self._device_names: list[str] = []
+        self._profiles = names.profiles
+        self._metrics = names.metrics
+        self._devices = names.devices
         silent = [i for i, r in enumerate(self._rules) if r.rule.when == "silent"]
         self._silent_gid = np.array(silent, dtype=np.int64)
         self._silent = SilentRules([round(self._rules[i].rule.after_s * 1000) for i in silent])  # type: ignore[operator]
@@ -56,37 +59,45 @@ class AlertEngine:
         self._active: dict[tuple[int, int], AlertEvent] = {}  # (device id, rule) -> open event
 
     def _tables(self) -> None:
-        """(profile id, metric id) -> threshold rules, as CSR; profile id -> silent columns."""
+        """Per (profile id, metric id), flat at ``profile * width + metric``: the threshold
+        rules (CSR: ``_count``, ``_start`` into ``_flat``) and the quiet band, where a value
+        meets none of them (``max`` of the ``below`` thresholds .. ``min`` of the ``above``
+        ones). Per profile id: its silent rules (``_silent_cols``).
+
+        Column ``width - 1`` has no rules: metric names no profile of the engine knows.
+        """
         n_p, n_m = len(self._profiles), len(self._metrics)
-        lists: list[list[int]] = [[] for _ in range(n_p * n_m)]
+        self._width = n_m + 1
+        lists: list[list[int]] = [[] for _ in range(n_p * self._width)]
+        self._quiet_lo = np.full(len(lists), -np.inf)
+        self._quiet_hi = np.full(len(lists), np.inf)
         self._silent_cols = np.zeros((n_p, len(self._silent_gid)), dtype=bool)
         for gid, r in enumerate(self._rules):
             pid = self._profiles[r.profile]
             if r.rule.when == "silent":
                 self._silent_cols[pid, int(np.searchsorted(self._silent_gid, gid))] = True
+                continue
+            i = pid * self._width + self._metrics[r.rule.metric]  # type: ignore[index]
+            lists[i].append(gid)
+            if r.rule.when == "below":
+                self._quiet_lo[i] = max(self._quiet_lo[i], r.rule.threshold)  # type: ignore[type-var]
             else:
-                lists[pid * n_m + self._metrics[r.rule.metric]].append(gid)  # type: ignore[index]
-        count = np.array([len(x) for x in lists], dtype=np.int64)
-        start = np.cumsum(count) - count
-        # One extra column without rules, for metric names no profile knows (see _known).
-        self._count = np.pad(count.reshape(n_p, n_m), ((0, 0), (0, 1)))
-        self._start = np.pad(start.reshape(n_p, n_m), ((0, 0), (0, 1)))
+                self._quiet_hi[i] = min(self._quiet_hi[i], r.rule.threshold)  # type: ignore[type-var]
+        self._count = np.array([len(x) for x in lists], dtype=np.int64)
+        self._start = np.cumsum(self._count) - self._count
         self._flat = np.array([g for x in lists for g in x], dtype=np.int64)
 
-    def _device_ids(self, names: np.ndarray) -> np.ndarray:
-        before = len(self._devices)
-        ids = self._devices.ids(names)
-        if len(self._devices) > before:
-            self._device_names.extend(islice(self._devices, before, None))
-            self._threshold.grow(len(self._devices))
-            self._silent.grow(len(self._devices))
+    def _device_ids(self, names: np.ndarray, same: np.ndarray) -> np.ndarray:
+        ids = self._devices.ids(names, same)
+        self._threshold.grow(len(self._devices))
+        self._silent.grow(len(self._devices))
         return ids
 
-    def _known(self, pid: np.ndarray, mid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Clip ids of names the profiles do not know to a row/column without rules."""
-        n_p, n_m = self._count.shape[0], self._count.shape[1] - 1
+    def _pm(self, pid: np.ndarray, mid: np.ndarray) -> np.ndarray:
+        """Flat (profile, metric) index; names the engine's profiles do not know map to no rules."""
+        n_p, n_m = len(self._silent_cols), self._width - 1
         ok = (pid < n_p) & (mid < n_m)
-        return np.where(ok, pid, 0), np.where(ok, mid, n_m)
+        return np.where(ok, pid * self._width + mid, n_m)
 
     def evaluate(self, num: NumericColumns, flags: np.ndarray, wav: WaveformColumns | None = None) -> list[AlertEvent]:
         """Advance every rule over a batch.
@@ -104,10 +115,11 @@ class AlertEngine:
         if wav is None:
             wav = WaveformColumns.empty()
         keyed: list[tuple[tuple[int, int, int, int], AlertEvent]] = []
-        ndev = self._device_ids(num.device)
-        wdev = self._device_ids(wav.device)
-        npid = self._profiles.ids(num.profile)
-        wpid = self._profiles.ids(wav.profile)
+        nsame, wsame = same_envelope(np.asarray(num.env)), same_envelope(np.asarray(wav.env))
+        ndev = self._device_ids(num.device, nsame)
+        wdev = self._device_ids(wav.device, wsame)
+        npid = self._profiles.ids(num.profile, nsame)
+        wpid = self._profiles.ids(wav.profile, wsame)
         self._close_silent(num, ndev, wav, wdev, keyed)
         if len(num):
             self._run_thresholds(num, flags, ndev, npid, keyed)
@@ -121,19 +133,26 @@ class AlertEngine:
         return events
 
     def _run_thresholds(self, num: NumericColumns, flags: np.ndarray, dev: np.ndarray, pid: np.ndarray, keyed: list) -> None:  # type: ignore[type-arg]
-        mid = self._metrics.ids(num.metric)
-        pid_k, mid_k = self._known(pid, mid)
-        count = self._count[pid_k, mid_k]
-        count[(np.asarray(flags) & ARTIFACT_FLAGS) != 0] = 0  # artifacts never feed rules
-        total = int(count.sum())
-        if total == 0:
+        pm = self._pm(pid, self._metrics.ids_by_identity(num.metric))
+        value = np.asarray(num.value, dtype=np.float64)
+        # Only devices with a rule open or running, or with a reading meeting some rule in
+        # this batch, can change state; the feeding readings of all other devices would leave
+        # every state as it is (closed, no run), so they are skipped.
+        count = self._count[pm]
+        feeds = (count > 0) & ((np.asarray(flags) & ARTIFACT_FLAGS) == 0)
+        loud = feeds & ((value < self._quiet_lo[pm]) | (value > self._quiet_hi[pm]))
+        hot = self._threshold.busy.copy()
+        hot[dev[loud]] = True
+        chosen = np.flatnonzero(feeds & hot[dev])
+        if not len(chosen):
             return
-        reading = np.repeat(np.arange(len(num), dtype=np.int64), count)
+        count = count[chosen]
+        total = int(count.sum())
+        reading = np.repeat(chosen, count)
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
-        start = self._start[pid_k, mid_k]
-        rule = self._flat[np.repeat(start, count) + within]
+        rule = self._flat[np.repeat(self._start[pm[chosen]], count) + within]
         t = np.asarray(num.t, dtype=np.int64)[reading]
-        v = np.asarray(num.value, dtype=np.float64)[reading]
+        v = value[reading]
         found = self._threshold.evaluate(dev[reading], rule, t, v)
         for p, opens in zip(found.pair.tolist(), found.opens.tolist()):
             i, gid = int(reading[p]), int(rule[p])
@@ -160,7 +179,7 @@ class AlertEngine:
         for d, (env, kind, i, t) in first.items():
             for col in self._silent.close(d).tolist():
                 r = self._rules[int(self._silent_gid[col])]
-                event = AlertEvent("close", self._device_names[d], r.rule.name, r.rule.priority, None, t, None, env, r.profile)
+                event = AlertEvent("close", self._devices.names[d], r.rule.name, r.rule.priority, None, t, None, env, r.profile)
                 keyed.append(((env, kind, i, -len(self._rules) + col), event))
 
     def _arm(self, dev: np.ndarray, pid: np.ndarray) -> None:
@@ -196,7 +215,7 @@ class AlertEngine:
         events = []
         for d, c, at in zip(dev.tolist(), col.tolist(), deadline.tolist()):
             r = self._rules[int(self._silent_gid[c])]
-            events.append(AlertEvent("open", self._device_names[d], r.rule.name, r.rule.priority, None, at, None, None, r.profile))
+            events.append(AlertEvent("open", self._devices.names[d], r.rule.name, r.rule.priority, None, at, None, None, r.profile))
         events.sort(key=lambda e: (e.at, e.device_id, e.rule))
         self._record(events)
         return events

@@ -65,15 +65,15 @@ class ThresholdRules:
         self.open = np.zeros(0, dtype=bool)
         self.run = np.zeros(0, dtype=bool)  # the last reading fed to the slot met the rule
         self.run_t = np.zeros(0, dtype=_I64)  # start of that run
+        self.busy = np.zeros(0, dtype=bool)  # per device: some rule open or running
 
     def grow(self, n_devices: int) -> None:
-        need = n_devices * self.n_rules
-        if need <= len(self.open):
+        if n_devices <= len(self.busy):
             return
-        cap = max(need, 2 * len(self.open), 64 * self.n_rules)
-        for name in ("open", "run", "run_t"):
+        cap = max(n_devices, 2 * len(self.busy), 64)
+        for name, size in (("open", cap * self.n_rules), ("run", cap * self.n_rules), ("run_t", cap * self.n_rules), ("busy", cap)):
             old = getattr(self, name)
-            new = np.zeros(cap, dtype=old.dtype)
+            new = np.zeros(size, dtype=old.dtype)
             new[: len(old)] = old
             setattr(self, name, new)
 
@@ -117,4 +117,7 @@ class ThresholdRules:
         klast = np.ones(len(ks), dtype=bool)
         klast[:-1] = kfirst[1:]
         self.open[ks[klast]] = label[klast]
+        touched = np.unique(device)
+        per_device = (self.open | self.run).reshape(-1, self.n_rules)
+        self.busy[touched] = per_device[touched].any(axis=1)
         return Transitions(order[kept[change]], label[change])

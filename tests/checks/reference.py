@@ -135,25 +135,28 @@ class ReferenceRules:
         self.profiles = profiles
         self.keys: dict[tuple[str, str, str], _RuleKey] = {}
         self.latest: dict[str, int] = {}  # device -> latest reading time
-        self.silent: dict[tuple[str, str, str], AlertEvent | None] = {}  # armed silent rules -> open event
+        # device -> armed silent rules (profile, rule) -> open event or None
+        self.silent: dict[str, dict[tuple[str, str], AlertEvent | None]] = {}
         self.opened: list[AlertEvent] = []
 
     def _seen(self, device: str, profile: str, t: int, env: int, out: list[AlertEvent]) -> None:
         """Any reading of a device: closes its open silent alerts, refreshes its latest time."""
-        for key, event in sorted(self.silent.items(), key=lambda kv: self._rule_order(kv[0])):
-            if key[0] == device and event is not None:
+        armed = self.silent.setdefault(device, {})
+        for key in sorted(armed, key=self._rule_order):
+            event = armed[key]
+            if event is not None:
                 out.append(AlertEvent("close", device, event.rule, event.priority, None, t, None, env, event.profile))
-                self.silent[key] = None
+                armed[key] = None
                 self.opened.remove(event)
         self.latest[device] = max(self.latest.get(device, t), t)
         for rule in self.profiles[profile].alerts:
             if rule.when == "silent":
-                self.silent.setdefault((device, profile, rule.name), None)
+                armed.setdefault((profile, rule.name), None)
 
-    def _rule_order(self, key: tuple[str, str, str]) -> tuple[str, int]:
+    def _rule_order(self, key: tuple[str, str]) -> tuple[str, int]:
         """Rules are ordered by profile name, then by their place in the profile."""
-        names = [r.name for r in self.profiles[key[1]].alerts]
-        return key[1], names.index(key[2])
+        names = [r.name for r in self.profiles[key[0]].alerts]
+        return key[0], names.index(key[1])
 
     def _numeric(self, device: str, metric: str, profile: str, t: int, v: float, flags: int, env: int, out: list[AlertEvent]) -> None:
         self._seen(device, profile, t, env, out)
@@ -200,15 +203,16 @@ class ReferenceRules:
     def tick(self, now_ms: int) -> list[AlertEvent]:
         """Open the silent alerts whose deadline the clock has passed."""
         out = []
-        for (device, profile, name), event in self.silent.items():
-            if event is not None:
-                continue
-            rule = next(r for r in self.profiles[profile].alerts if r.name == name)
-            deadline = self.latest[device] + round(rule.after_s * 1000)  # type: ignore[operator]
-            if now_ms > deadline:
-                event = AlertEvent("open", device, name, rule.priority, None, deadline, None, None, profile)
-                self.silent[(device, profile, name)] = event
-                out.append(event)
+        for device, armed in self.silent.items():
+            for (profile, name), event in armed.items():
+                if event is not None:
+                    continue
+                rule = next(r for r in self.profiles[profile].alerts if r.name == name)
+                deadline = self.latest[device] + round(rule.after_s * 1000)  # type: ignore[operator]
+                if now_ms > deadline:
+                    event = AlertEvent("open", device, name, rule.priority, None, deadline, None, None, profile)
+                    armed[(profile, name)] = event
+                    out.append(event)
         out.sort(key=lambda e: (e.at, e.device_id, e.rule))
         self.opened.extend(out)
         return out

@@ -222,7 +222,11 @@ def numeric_streams(draw: st.DrawFn, max_size: int = 60, profiles: Sequence[str]
         t = max(0, clock.get((dev, metric), 10_000) + step)
         clock[(dev, metric)] = max(t, clock.get((dev, metric), 0))
         skew = draw(st.sampled_from([0, 0, 0, 500, 61_000, -90_000_000]))
-        env += draw(st.sampled_from([0, 1]))
+        # One envelope carries one device and one profile.
+        if out and (out[-1].device, out[-1].profile) != (dev, prof):
+            env += 1
+        else:
+            env += draw(st.sampled_from([0, 1]))
         out.append(Reading(dev, metric, t, draw(_VALUES), t - skew, prof, env))
     return out
 
