@@ -110,6 +110,10 @@ def _check(path: str, prof: Profile) -> None:
             if m.max_rate is not None or m.flatline_s is not None:
                 bad = "max_rate" if m.max_rate is not None else "flatline_s"
                 raise ProfileError(path, f"{key}.{bad}", "applies to numeric metrics only")
+            if m.hz is None:
+                raise ProfileError(path, f"{key}.hz", "required for waveform metrics (samples per second)")
+            if m.interval_s is not None:
+                raise ProfileError(path, f"{key}.interval_s", "waveform metrics give hz instead")
     names: set[str] = set()
     for i, rule in enumerate(prof.alerts):
         key = f"alerts[{i}]"
@@ -138,6 +142,13 @@ def _check(path: str, prof: Profile) -> None:
             raise ProfileError(path, f"{key}.clear", "must be >= threshold for a below alert")
         if rule.when == "above" and rule.clear > rule.threshold:
             raise ProfileError(path, f"{key}.clear", "must be <= threshold for an above alert")
+        # Readings outside plausible are artifacts and never feed rules: a rule whose
+        # threshold or clear level lies beyond it could never open or never close.
+        lo, hi = spec.plausible
+        if (rule.when == "below" and rule.threshold <= lo) or (rule.when == "above" and rule.threshold >= hi):
+            raise ProfileError(path, f"{key}.threshold", f"outside the plausible range [{lo}, {hi}] of {rule.metric!r}: the alert could never open")
+        if (rule.when == "below" and rule.clear > hi) or (rule.when == "above" and rule.clear < lo):
+            raise ProfileError(path, f"{key}.clear", f"outside the plausible range [{lo}, {hi}] of {rule.metric!r}: the alert could never close")
         if rule.after_s is not None:
             raise ProfileError(path, f"{key}.after_s", "only silent alerts use after_s")
 

@@ -1,0 +1,244 @@
+"""Offline replay of a recording (PROTOCOL section 4): ``vitalgate replay``.
+
+A recording holds one JSON envelope per line, optionally with ``"received_at"`` (epoch ms)
+beside the envelope's fields. Every line goes through the live code path - the same
+``decode``, ``run_checks`` and ``AlertEngine`` - with no database and no broker, and the
+result is printed as NDJSON: alert events and rejected lines in file order, then a summary.
+
+The gateway clock is the latest receipt time seen so far (a line without ``received_at`` is
+received at its latest reading time). The engine's clock ticks after every line. Lines are
+processed in chunks for speed; a chunk is only used when no tick inside it could open a
+``silent`` alert, otherwise its lines go one by one, so the output is the same as with
+line-by-line processing, and deterministic.
+
+``Replay`` is the reusable core: feed it lines, read the output objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TextIO
+
+import msgspec
+import numpy as np
+import orjson
+
+from gateway.checks import CheckSettings, CheckState, run_checks
+from gateway.decode import Decoded, decode, to_columns
+from gateway.errors import GatewayError, RejectError
+from gateway.model import FLAG_NAMES, AlertEvent
+from gateway.profiles import Profile, load_profiles
+from gateway.rules import AlertEngine
+
+__all__ = ["Replay", "run", "add_replay_parser", "alert_record"]
+
+CHUNK = 512
+_FLAG_BITS = tuple(1 << i for i in range(len(FLAG_NAMES)))
+
+
+class _Receipt(msgspec.Struct):
+    received_at: int | None = None
+
+
+_RECEIPT = msgspec.json.Decoder(_Receipt)
+
+
+def alert_record(e: AlertEvent) -> dict[str, Any]:
+    """The NDJSON object of an alert event, keys in PROTOCOL order."""
+    return {
+        "type": "alert", "event": e.event, "device_id": e.device_id, "rule": e.rule,
+        "priority": e.priority, "metric": e.metric, "at": e.at, "value": e.value,
+    }
+
+
+@dataclass
+class _Line:
+    number: int
+    decoded: Decoded
+    received_at: int
+
+
+@dataclass
+class _Totals:
+    envelopes: int = 0
+    readings: int = 0
+    waveform_samples: int = 0
+    rejected: int = 0
+    flags: list[int] = field(default_factory=lambda: [0] * len(FLAG_NAMES))
+
+
+class Replay:
+    """The replay of one recording: state of the checks and alert rules, the clock, totals."""
+
+    def __init__(self, profiles: Mapping[str, Profile], default_profile: str | None = None, settings: CheckSettings | None = None) -> None:
+        """Create a replay.
+
+        Args:
+            profiles: the device profiles by name.
+            default_profile: profile of envelopes that name none (there is no registry offline).
+            settings: clock-check settings (the gateway defaults when omitted).
+        """
+        self.profiles = profiles
+        self.default_profile = default_profile
+        self.settings = settings or CheckSettings()
+        self.state = CheckState()
+        self.engine = AlertEngine(profiles)
+        self.clock: int | None = None
+        self.totals = _Totals()
+        self._silent_floor = min(
+            (round(r.after_s * 1000) for p in profiles.values() for r in p.alerts if r.when == "silent"),  # type: ignore[operator]
+            default=None,
+        )
+
+    def feed(self, lines: Iterable[bytes], chunk: int = CHUNK) -> Iterator[dict[str, Any]]:
+        """Process lines (numbered from 1, blank ones skipped); yield alert and rejected records."""
+        pending: list[_Line] = []
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                item = self._decode(number, raw)
+            except RejectError as exc:
+                yield from self._flush(pending)
+                pending = []
+                self.totals.rejected += 1
+                yield {"type": "rejected", "line": number, "reason": exc.reason}
+                continue
+            pending.append(item)
+            if len(pending) >= chunk:
+                yield from self._flush(pending)
+                pending = []
+        yield from self._flush(pending)
+
+    def summary(self) -> dict[str, Any]:
+        """The closing summary record."""
+        t = self.totals
+        return {
+            "type": "summary", "envelopes": t.envelopes, "readings": t.readings,
+            "waveform_samples": t.waveform_samples, "rejected": t.rejected,
+            "flags": dict(zip(FLAG_NAMES, t.flags)), "alerts_open": len(self.engine.active()),
+        }
+
+    def _decode(self, number: int, raw: bytes) -> _Line:
+        d = decode(raw, content_type="application/json", profiles=self.profiles, default_profile=self.default_profile)
+        try:
+            received = _RECEIPT.decode(raw).received_at
+        except msgspec.ValidationError:
+            raise RejectError("received_at: expected integer epoch milliseconds", d.device_id) from None
+        return _Line(number, d, d.latest_t if received is None else received)
+
+    def _flush(self, lines: Sequence[_Line]) -> Iterator[dict[str, Any]]:
+        if not lines:
+            return
+        clocks = np.maximum.accumulate([self.clock if self.clock is not None else lines[0].received_at] + [x.received_at for x in lines])[1:]
+        if len(lines) == 1 or self._quiet(lines, clocks):
+            yield from self._process(lines, int(clocks[-1]))
+        else:
+            for x, c in zip(lines, clocks.tolist()):
+                yield from self._process([x], c)
+
+    def _quiet(self, lines: Sequence[_Line], clocks: np.ndarray) -> bool:
+        """True when no tick after lines[0..-2] could open a silent alert (see module doc).
+
+        Deadlines of armed rules only move later with new readings, and a device armed by a
+        line of the chunk gets a deadline of at least the chunk's earliest reading time plus
+        the smallest ``after_s``: if the clock stays at or below both, nothing can fire.
+        """
+        if self._silent_floor is None:
+            return True
+        earliest = min(min([*x.decoded.num_t, *x.decoded.wav_t0]) for x in lines)
+        bound = earliest + self._silent_floor
+        due = self.engine.next_deadline()
+        if due is not None:
+            bound = min(bound, due)
+        return int(clocks[-2]) <= bound
+
+    def _process(self, lines: Sequence[_Line], clock: int) -> Iterator[dict[str, Any]]:
+        num, wav = to_columns([x.decoded for x in lines], [x.received_at for x in lines])
+        nflags, wflags = run_checks(num, wav, self.profiles, self.state, self.settings)
+        events = self.engine.evaluate(num, nflags, wav)
+        self.clock = clock
+        events += self.engine.tick(clock)
+        t = self.totals
+        t.envelopes += len(lines)
+        t.readings += len(num)
+        t.waveform_samples += len(wav.samples)
+        for i, bit in enumerate(_FLAG_BITS):
+            t.flags[i] += int(np.count_nonzero(nflags & bit)) + int(np.count_nonzero(wflags & bit))
+        for e in events:
+            yield alert_record(e)
+
+
+def run(path: str, profiles_dir: str, default_profile: str | None, out: TextIO) -> int:
+    """Replay the recording at ``path`` (``-`` for stdin) and print NDJSON to ``out``.
+
+    Returns:
+        0 when the recording was replayed (rejected lines included); 2 when the profiles are
+        invalid or the file cannot be read (the reason goes to stderr).
+    """
+    try:
+        profiles = load_profiles(profiles_dir)
+        if default_profile is not None and default_profile not in profiles:
+            raise GatewayError(f"--default-profile: unknown profile {default_profile!r} in {profiles_dir}")
+        replay = Replay(profiles, default_profile)
+        with (open(path, "rb") if path != "-" else _stdin()) as stream:
+            for record in replay.feed(stream):
+                out.write(orjson.dumps(record).decode() + "\n")
+    except GatewayError as exc:
+        print(f"vitalgate replay: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vitalgate replay: {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    out.write(orjson.dumps(replay.summary()).decode() + "\n")
+    out.flush()
+    return 0
+
+
+def _stdin() -> BinaryIO:
+    return open(sys.stdin.fileno(), "rb", closefd=False)
+
+
+_DESCRIPTION = """\
+Run a recording through the same decode, validation, checks and alert rules as live
+ingestion, with no database or broker, and print NDJSON to stdout (PROTOCOL section 4):
+one {"type": "alert", ...} object per alert opening or closing, one {"type": "rejected",
+"line": N, "reason": ...} per envelope that fails validation, and a final
+{"type": "summary", ...}. Output is deterministic.
+"""
+
+_EPILOG = """\
+FILE holds one JSON envelope per line. A line may carry "received_at" (epoch ms) beside
+the envelope's fields: the receipt time used by the clock checks and as the replay clock
+for silent alerts. Without it, receipt time is the envelope's latest reading time.
+
+examples:
+  vitalgate replay --profiles device_profiles device_profiles/examples/desaturation.ndjson
+  vitalgate replay --profiles device_profiles --default-profile pulse_oximeter rec.ndjson
+
+exit status: 0 when replayed (even with rejected lines), 2 on invalid profiles or an
+unreadable file.
+"""
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    return run(args.file, args.profiles, args.default_profile, sys.stdout)
+
+
+def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``replay`` on the CLI's subparsers; its handler returns the exit status."""
+    p = subparsers.add_parser(
+        "replay", help="replay a recording offline through decode, checks and alert rules",
+        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--profiles", metavar="DIR", required=True, help="folder of device profiles (*.toml)")
+    p.add_argument(
+        "--default-profile", metavar="NAME", default=None,
+        help="profile of envelopes that name none (else they are rejected: there is no device registry offline)",
+    )
+    p.add_argument("file", metavar="FILE", help="the recording, one JSON envelope per line ('-' for stdin)")
+    p.set_defaults(func=_cmd_replay)
+    return p
