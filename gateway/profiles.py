@@ -19,7 +19,7 @@ from msgspec import Meta, Struct
 
 from gateway.errors import ProfileError
 
-__all__ = ["MetricSpec", "AlertRule", "ProfileInfo", "Profile", "load_profile", "load_profiles", "Interner", "Names", "SHARED_NAMES", "same_envelope"]
+__all__ = ["MetricSpec", "AlertRule", "ProfileInfo", "Profile", "load_profile", "load_profiles", "Interner", "Names", "SHARED_NAMES"]
 
 _NAME = r"^[a-z][a-z0-9_]{0,63}$"
 Name = Annotated[str, Meta(pattern=_NAME)]
@@ -81,15 +81,41 @@ class Profile(Struct, frozen=True, forbid_unknown_fields=True):
 _PATH = re.compile(r"`\$((?:\.[A-Za-z0-9_]+|\[\d+\])*)`")
 
 
-def _key_of(err: msgspec.ValidationError) -> tuple[str, str]:
-    """Split msgspec's ``message - at `$.a.b[0]``` into (``a.b[0]``, message)."""
+def _key_of(err: msgspec.ValidationError, data: bytes | None = None) -> tuple[str, str]:
+    """Split msgspec's ``message - at `$.a.b[0]``` into (``a.b[0]``, message).
+
+    msgspec reports a value inside a table of metrics as ``$.metrics[...]`` without the
+    metric's name; ``data`` (the file) lets the name be found.
+    """
     text = str(err)
+    if data is not None and "`$.metrics[...]" in text:
+        found = _metric_at_fault(data)
+        if found is not None:
+            return found
     match = _PATH.search(text)
     if not match:
         return "", text
     key = match.group(1).lstrip(".")
     message = text[: match.start()].rstrip(" -at").strip()
     return key, message
+
+
+def _metric_at_fault(data: bytes) -> tuple[str, str] | None:
+    """(``metrics.<name>.<key>``, message) of the first metric that fails on its own."""
+    try:
+        raw = msgspec.toml.decode(data)
+    except msgspec.DecodeError:
+        return None
+    metrics = raw.get("metrics") if isinstance(raw, dict) else None
+    if not isinstance(metrics, dict):
+        return None
+    for name, spec in metrics.items():
+        try:
+            msgspec.convert(spec, MetricSpec)
+        except msgspec.ValidationError as exc:
+            key, message = _key_of(exc)
+            return f"metrics.{name}" + (f".{key}" if key else ""), message
+    return None
 
 
 def _check(path: str, prof: Profile) -> None:
@@ -163,7 +189,7 @@ def load_profile(path: str | Path) -> Profile:
     try:
         prof = msgspec.toml.decode(data, type=Profile)
     except msgspec.ValidationError as exc:
-        key, message = _key_of(exc)
+        key, message = _key_of(exc, data)
         raise ProfileError(str(p), key, message) from None
     except msgspec.DecodeError as exc:
         raise ProfileError(str(p), "", f"invalid TOML: {exc}") from None
@@ -204,7 +230,7 @@ class Interner(dict[str, int]):
         super().__init__()
         self.names: list[str] = []  # id -> name
         self._memo: list[tuple[weakref.ref[np.ndarray], np.ndarray]] = []
-        # Identity table for ids_by_identity: addresses of str objects seen (sorted), their
+        # Identity table (see ids): addresses of str objects seen (sorted), their
         # ids, and the objects themselves, kept alive so that no address can be reused.
         self._addr = np.empty(0, dtype=np.uint64)
         self._addr_ids = np.empty(0, dtype=np.int64)
@@ -215,59 +241,52 @@ class Interner(dict[str, int]):
         self.names.append(key)
         return value
 
-    def ids(self, names: np.ndarray, same_as_previous: np.ndarray | None = None) -> np.ndarray:
+    def ids(self, names: np.ndarray) -> np.ndarray:
         """Ids of an object array of ``str``, as ``int64``; unseen names get new ids.
 
-        The lookup is a C-level ``map`` over the dict (a hash-table factorize), not a Python
-        loop. The last few arrays looked up are remembered (by identity, while they are
-        alive), so the checks and the alert engine share the work on the same batch. Treat
-        the result as read-only.
+        No Python loop over the names. The addresses of the ``str`` objects are read
+        straight from the object array's buffer (``_addresses``), which gives two shortcuts:
 
-        Args:
-            names: the names.
-            same_as_previous: optional mask, True where ``names[i]`` is known to equal
-                ``names[i - 1]`` (for example readings of the same envelope share device and
-                profile); only the other entries are looked up.
+        - Runs of the very same object (columns repeat one device and profile object for all
+          readings of an envelope) are looked up once, through the dict.
+        - Arrays that repeat a handful of objects (msgspec decodes every occurrence of a
+          dict key, a metric name, to one cached ``str``) are matched against a sorted table
+          of objects seen before, kept alive so that no address can be reused; only the
+          others go through the dict.
+
+        The last few arrays looked up are remembered (by identity, while alive), so the
+        checks and the alert engine share the work on one batch. Treat the result as
+        read-only.
         """
         for ref, known in self._memo:
             if ref() is names:
                 return known
         n = len(names)
         if n == 0:
-            out = np.empty(0, dtype=np.int64)
-        elif same_as_previous is None:
-            out = np.fromiter(map(self.__getitem__, names), dtype=np.int64, count=n)
-        else:
-            starts = np.flatnonzero(~same_as_previous)
-            run_ids = np.fromiter(map(self.__getitem__, names[starts]), dtype=np.int64, count=len(starts))
+            return np.empty(0, dtype=np.int64)
+        flat = np.ascontiguousarray(names)
+        addr = _addresses(flat)
+        starts = np.flatnonzero(np.concatenate([[True], addr[1:] != addr[:-1]]))
+        if 2 * len(starts) <= n:
+            run_ids = np.fromiter(map(self.__getitem__, flat[starts]), dtype=np.int64, count=len(starts))
             out = np.repeat(run_ids, np.diff(np.append(starts, n)))
+        else:
+            out = self._by_table(flat, addr)
         self._memo = [(weakref.ref(names), out), *self._memo[: self._MEMO - 1]]
         return out
 
-
-    def ids_by_identity(self, names: np.ndarray) -> np.ndarray:
-        """``ids(names)`` for arrays that repeat the very same few ``str`` objects.
-
-        msgspec decodes every occurrence of a dict key (a metric name) to one cached ``str``
-        object, so a batch's metric column holds a handful of distinct objects. Their
-        addresses, read straight from the object array's buffer, are matched against a
-        sorted table of objects seen before (kept alive, so addresses stay unique); only the
-        rest go through the dict. Same result as ``ids``, at a fraction of the cost.
-        """
-        for ref, known in self._memo:
-            if ref() is names:
-                return known
-        n = len(names)
-        flat = np.ascontiguousarray(names)
-        addr = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(flat.ctypes.data)) if n else self._addr[:0]
-        pos = np.minimum(np.searchsorted(self._addr, addr), max(len(self._addr) - 1, 0))
-        hit = self._addr[pos] == addr if len(self._addr) else np.zeros(n, dtype=bool)
-        out = self._addr_ids[pos] if len(self._addr) else np.zeros(n, dtype=np.int64)
+    def _by_table(self, flat: np.ndarray, addr: np.ndarray) -> np.ndarray:
+        n = len(flat)
+        if len(self._addr):
+            pos = np.minimum(np.searchsorted(self._addr, addr), len(self._addr) - 1)
+            hit = self._addr[pos] == addr
+            out = self._addr_ids[pos]
+        else:
+            hit, out = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
         miss = np.flatnonzero(~hit)
         if len(miss):
             out[miss] = np.fromiter(map(self.__getitem__, flat[miss]), dtype=np.int64, count=len(miss))
             self._remember(addr[miss], flat[miss], out[miss])
-        self._memo = [(weakref.ref(names), out), *self._memo[: self._MEMO - 1]]
         return out
 
     def _remember(self, addr: np.ndarray, objects: np.ndarray, ids: np.ndarray) -> None:
@@ -283,11 +302,13 @@ class Interner(dict[str, int]):
         self._addr_ids = np.concatenate([self._addr_ids, ids[first]])[order]
 
 
-def same_envelope(env: np.ndarray) -> np.ndarray:
-    """True where a reading comes from the same envelope as the one before it."""
-    out = np.zeros(len(env), dtype=bool)
-    np.equal(env[1:], env[:-1], out=out[1:])
-    return out
+def _addresses(objects: np.ndarray) -> np.ndarray:
+    """The object pointers of a C-contiguous object array, as uint64 (a copy).
+
+    Valid as identities only while the objects are alive (held by the array).
+    """
+    n = len(objects)
+    return np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(objects.ctypes.data)).copy()
 
 
 class Names:

@@ -33,7 +33,7 @@ def numeric_flags(num: NumericColumns, profiles: Mapping[str, Profile], state: C
     """Flags of every numeric reading of a batch (arrival order); advances ``state``."""
     if len(num) == 0:
         return np.zeros(0, dtype=np.int32)
-    dev, met, prof = ids(state, num.device, num.metric, num.profile, num.env)
+    dev, met, prof = ids(state, num.device, num.metric, num.profile)
     p = params(profiles, state)
     pm = prof * p.width + met
     t = np.asarray(num.t, dtype=np.int64)

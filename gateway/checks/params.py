@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.checks.state import CheckState
-from gateway.profiles import Profile, same_envelope
+from gateway.profiles import Profile
 
 __all__ = ["Params", "params", "ids"]
 
@@ -64,7 +64,6 @@ def params(profiles: Mapping[str, Profile], state: CheckState) -> Params:
     return out
 
 
-def ids(state: CheckState, device: np.ndarray, metric: np.ndarray, profile: np.ndarray, env: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Device, metric and profile ids; readings of one envelope share device and profile."""
-    same = same_envelope(np.asarray(env))
-    return state.devices.ids(device, same), state.metrics.ids_by_identity(metric), state.profiles.ids(profile, same)
+def ids(state: CheckState, device: np.ndarray, metric: np.ndarray, profile: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Device, metric and profile ids of every reading."""
+    return state.devices.ids(device), state.metrics.ids(metric), state.profiles.ids(profile)

@@ -26,7 +26,7 @@ def waveform_flags(wav: WaveformColumns, profiles: Mapping[str, Profile], state:
     """Flags of every waveform block of a batch (arrival order); advances ``state``."""
     if len(wav) == 0:
         return np.zeros(0, dtype=np.int32)
-    dev, met, prof = ids(state, wav.device, wav.metric, wav.profile, wav.env)
+    dev, met, prof = ids(state, wav.device, wav.metric, wav.profile)
     p = params(profiles, state)
     pm = prof * p.width + met
     t0 = np.asarray(wav.t0, dtype=np.int64)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.model import ARTIFACT_FLAGS, AlertEvent, NumericColumns, WaveformColumns
-from gateway.profiles import SHARED_NAMES, AlertRule, Names, Profile, same_envelope
+from gateway.profiles import SHARED_NAMES, AlertRule, Names, Profile
 from gateway.rules.silent import SilentRules
 from gateway.rules.threshold import ThresholdRules, group_first
 
@@ -87,8 +87,8 @@ class AlertEngine:
         self._start = np.cumsum(self._count) - self._count
         self._flat = np.array([g for x in lists for g in x], dtype=np.int64)
 
-    def _device_ids(self, names: np.ndarray, same: np.ndarray) -> np.ndarray:
-        ids = self._devices.ids(names, same)
+    def _device_ids(self, names: np.ndarray) -> np.ndarray:
+        ids = self._devices.ids(names)
         self._threshold.grow(len(self._devices))
         self._silent.grow(len(self._devices))
         return ids
@@ -115,11 +115,10 @@ class AlertEngine:
         if wav is None:
             wav = WaveformColumns.empty()
         keyed: list[tuple[tuple[int, int, int, int], AlertEvent]] = []
-        nsame, wsame = same_envelope(np.asarray(num.env)), same_envelope(np.asarray(wav.env))
-        ndev = self._device_ids(num.device, nsame)
-        wdev = self._device_ids(wav.device, wsame)
-        npid = self._profiles.ids(num.profile, nsame)
-        wpid = self._profiles.ids(wav.profile, wsame)
+        ndev = self._device_ids(num.device)
+        wdev = self._device_ids(wav.device)
+        npid = self._profiles.ids(num.profile)
+        wpid = self._profiles.ids(wav.profile)
         self._close_silent(num, ndev, wav, wdev, keyed)
         if len(num):
             self._run_thresholds(num, flags, ndev, npid, keyed)
@@ -133,7 +132,7 @@ class AlertEngine:
         return events
 
     def _run_thresholds(self, num: NumericColumns, flags: np.ndarray, dev: np.ndarray, pid: np.ndarray, keyed: list) -> None:  # type: ignore[type-arg]
-        pm = self._pm(pid, self._metrics.ids_by_identity(num.metric))
+        pm = self._pm(pid, self._metrics.ids(num.metric))
         value = np.asarray(num.value, dtype=np.float64)
         # Only devices with a rule open or running, or with a reading meeting some rule in
         # this batch, can change state; the feeding readings of all other devices would leave
