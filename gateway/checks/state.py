@@ -54,12 +54,6 @@ class KeyIndex:
         self._slots = np.concatenate([self._slots, new_slots])[order]
         return out
 
-    def codes_by_slot(self) -> np.ndarray:
-        """The code of every slot, indexed by slot."""
-        out = np.empty(self.size, dtype=_I64)
-        out[self._slots] = self._codes
-        return out
-
 
 class Columns:
     """Named per-slot arrays with fill values; ``grow(n)`` makes room for slots ``< n``."""

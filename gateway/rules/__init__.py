@@ -67,7 +67,7 @@ class AlertEngine:
         Column ``width - 1`` has no rules: metric names no profile of the engine knows.
         """
         n_p, n_m = len(self._profiles), len(self._metrics)
-        self._width = n_m + 1
+        self._n_profiles, self._width = n_p, n_m + 1
         lists: list[list[int]] = [[] for _ in range(n_p * self._width)]
         self._quiet_lo = np.full(len(lists), -np.inf)
         self._quiet_hi = np.full(len(lists), np.inf)
@@ -95,7 +95,7 @@ class AlertEngine:
 
     def _pm(self, pid: np.ndarray, mid: np.ndarray) -> np.ndarray:
         """Flat (profile, metric) index; names the engine's profiles do not know map to no rules."""
-        n_p, n_m = len(self._silent_cols), self._width - 1
+        n_p, n_m = self._n_profiles, self._width - 1
         ok = (pid < n_p) & (mid < n_m)
         return np.where(ok, pid * self._width + mid, n_m)
 
@@ -185,19 +185,17 @@ class AlertEngine:
         """Arm the silent rules of each (device, profile) seen."""
         change = group_first(dev * (len(self._profiles) + 1) + pid)  # runs of equal pairs
         d, p = dev[change], pid[change]
-        known = p < len(self._silent_cols)
+        known = p < self._n_profiles
         self._silent.arm(d[known], self._silent_cols[p[known]])
 
     def _record(self, events: list[AlertEvent]) -> None:
+        """Keep ``active()`` up to date."""
         for e in events:
-            key = (self._devices[e.device_id], self._gid(e))
+            key = (self._devices[e.device_id], self._rule_gid[(e.profile, e.rule)])  # type: ignore[index]
             if e.event == "open":
                 self._active[key] = e
             else:
                 self._active.pop(key, None)
-
-    def _gid(self, e: AlertEvent) -> int:
-        return self._rule_gid[(e.profile, e.rule)]  # type: ignore[index]
 
     def tick(self, now_ms: int) -> list[AlertEvent]:
         """Open the silent alerts whose deadline ``now_ms`` has passed.
