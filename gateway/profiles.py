@@ -264,7 +264,7 @@ class Interner(dict[str, int]):
         n = len(names)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        flat = np.ascontiguousarray(names)
+        flat = np.ascontiguousarray(names, dtype=object)  # also accepts lists and str arrays
         addr = _addresses(flat)
         starts = np.flatnonzero(np.concatenate([[True], addr[1:] != addr[:-1]]))
         if 2 * len(starts) <= n:
@@ -272,7 +272,8 @@ class Interner(dict[str, int]):
             out = np.repeat(run_ids, np.diff(np.append(starts, n)))
         else:
             out = self._by_table(flat, addr)
-        self._memo = [(weakref.ref(names), out), *self._memo[: self._MEMO - 1]]
+        if isinstance(names, np.ndarray):
+            self._memo = [(weakref.ref(names), out), *self._memo[: self._MEMO - 1]]
         return out
 
     def _by_table(self, flat: np.ndarray, addr: np.ndarray) -> np.ndarray:

@@ -164,3 +164,9 @@ def test_interner_identity_table_is_bounded() -> None:
         batch = _obj([f"name-{k}-{i}" for i in range(3000)])  # fresh objects every time
         assert names.ids(batch).tolist() == list(range(3000 * k, 3000 * (k + 1)))
     assert len(names._addr) <= Interner._KNOWN_OBJECTS  # noqa: SLF001
+
+
+def test_interner_accepts_lists_and_fixed_width_string_arrays() -> None:
+    names = Interner()
+    assert names.ids(np.array(["a", "b", "a"])).tolist() == [0, 1, 0]  # dtype <U1
+    assert names.ids(["b", "c"]).tolist() == [1, 2]  # type: ignore[arg-type]
