@@ -11,13 +11,18 @@ that become ``ref`` are exactly the chain ``s, next(s), next(next(s)), ...`` fro
 group's start ``s`` (the carried ``ref``, or the first candidate when there is none), and
 every other candidate is a SPIKE.
 
-1. ``next`` is found for all candidates within a window of ``WINDOW`` positions, with one
-   (candidates x WINDOW) vectorized comparison.
+0. Each candidate is first compared with the one before it (or the carried ``ref``). In a
+   group where all of these pairs are compatible, ``next(k)`` is simply the following
+   candidate: the chain is every candidate and nothing below is needed. Only groups with
+   an incompatible pair go on.
+1. ``next`` is found for all their candidates within ``WINDOW`` positions with one
+   (candidates x WINDOW) comparison, then within ``WIDE`` for those still open.
 2. The chain is marked with pointer doubling (``groups.mark_paths``): O(log length) rounds.
-3. A chain can only stop early at a candidate whose ``next`` lies beyond the window (more
-   than ``WINDOW`` SPIKEs in a row). Only those candidates - at most one per group per
+3. A chain can only stop early at a candidate whose ``next`` lies beyond ``WIDE`` (more
+   than ``WIDE`` SPIKEs in a row). Only those candidates - at most one per group per
    round - are searched further, in doubling windows, and marking resumes from their
-   ``next``. Rounds are bounded by the number of such long SPIKE runs, not by readings.
+   ``next``. Rounds are bounded by the number of such long SPIKE runs in one group, not by
+   the number of readings; only streams that are nearly all SPIKEs come close to that.
 
 Finally the readings that are not candidates are compared against the last chain member
 before them, with the exact expression above.
@@ -29,9 +34,10 @@ import numpy as np
 
 from gateway.checks.groups import group_first, last_marked, mark_paths, shift
 
-__all__ = ["spikes", "compatible", "WINDOW"]
+__all__ = ["spikes", "compatible", "WINDOW", "WIDE"]
 
-WINDOW = 4
+WINDOW = 4  # first search window, for every candidate
+WIDE = 32  # second one, for the candidates still without a link
 _I64 = np.int64
 
 
@@ -160,10 +166,16 @@ def _chain(nodes: _Nodes) -> np.ndarray:
     link = np.full(n + 1, n, dtype=_I64)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    every = np.arange(n, dtype=_I64)
-    found, none, where = nodes.links_from(every, np.ones(n, dtype=_I64), WINDOW)
-    link[every[found]] = where[found]
-    unresolved = ~found & ~none
+    # Links within WINDOW for every node, then within WIDE for the few still open.
+    open_ = np.arange(n, dtype=_I64)
+    for off, width in ((1, WINDOW), (WINDOW + 1, WIDE - WINDOW)):
+        found, none, where = nodes.links_from(open_, np.full(len(open_), off, dtype=_I64), width)
+        link[open_[found]] = where[found]
+        open_ = open_[~found & ~none]
+        if not len(open_):
+            break
+    unresolved = np.zeros(n, dtype=bool)
+    unresolved[open_] = True
     on = np.zeros(n, dtype=bool)
     jumps = [link]
     starts = np.flatnonzero(group_first(nodes.gid))
@@ -179,8 +191,8 @@ def _chain(nodes: _Nodes) -> np.ndarray:
 def _extend(nodes: _Nodes, stuck: np.ndarray, link: np.ndarray) -> np.ndarray:
     """Resolve ``next`` of chain ends beyond the first window; returns the new chain starts."""
     found_at: list[np.ndarray] = []
-    off = np.full(len(stuck), WINDOW + 1, dtype=_I64)
-    width = WINDOW
+    off = np.full(len(stuck), WIDE + 1, dtype=_I64)
+    width = WIDE
     k = stuck
     while len(k):
         found, none, where = nodes.links_from(k, off, width)

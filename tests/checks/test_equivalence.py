@@ -64,10 +64,24 @@ def _spiky(draw: st.DrawFn) -> list[Reading]:
     return out
 
 
+@st.composite
+def _plateaus(draw: st.DrawFn) -> list[Reading]:
+    """One key, runs of up to 80 equal values 1 ms apart: SPIKE runs longer than rate.WIDE."""
+    t = 0
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        v = draw(st.sampled_from([0.0, 0.0, 2.0, -3.0, 4.5]))
+        step = draw(st.sampled_from([1, 1, 1000]))
+        for _ in range(draw(st.integers(1, 80))):
+            t += step
+            out.append(Reading("d1", "b", t, v, t))
+    return out
+
+
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), readings=_spiky())
+@given(data=st.data(), readings=st.one_of(_spiky(), _plateaus()))
 def test_spike_chains_equal_reference(data: st.DataObject, readings: list[Reading]) -> None:
-    """Streams built to need the wide search of ``rate._extend`` and several chain rounds."""
+    """Streams built to need the chain machinery of ``rate``, its wide search included."""
     batches = split(readings, data.draw(cuts(len(readings))))
     got, _ = _vectorized(batches, [[] for _ in batches])
     want, _ = _reference(readings, [])
@@ -77,3 +91,13 @@ def test_spike_chains_equal_reference(data: st.DataObject, readings: list[Readin
 def test_empty_batch_gives_empty_flags() -> None:
     a, b = run_checks(NumericColumns.empty(), WaveformColumns.empty(), PROFILES, CheckState(), SETTINGS)
     assert a.shape == (0,) and b.shape == (0,)
+
+
+def test_spike_runs_of_every_length_up_to_200() -> None:
+    """Every offset of the windowed and doubling searches for ``next`` is hit once."""
+    for length in range(1, 201):
+        values = [0.0, 0.0] + [3.0] * length + [0.0, 0.0, 3.0]
+        readings = [Reading("d1", "b", 1000 + i, v, 1000 + i) for i, v in enumerate(values)]
+        got, _ = _vectorized([readings], [[]])
+        want, _ = _reference(readings, [])
+        assert got.tolist() == want.tolist(), length
