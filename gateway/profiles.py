@@ -315,8 +315,9 @@ def _addresses(objects: np.ndarray) -> np.ndarray:
 class Names:
     """The interners of device, metric and profile names.
 
-    ``SHARED`` is the process-wide instance the checks and the alert engine use by default,
-    so that a batch's names are looked up once for both.
+    ``SHARED_NAMES`` is the process-wide instance the checks and the alert engine use by
+    default, so that a batch's names are looked up once for both. Not thread-safe: use the
+    checks and rules from one thread (the pipeline runs them on its event loop).
     """
 
     def __init__(self) -> None:
