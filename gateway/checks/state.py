@@ -1,9 +1,9 @@
 """Keyed, columnar state carried between batches: per (device, metric) for the checks.
 
 Everything here works on whole arrays. Strings are turned into small integer ids once per
-batch (``gateway.profiles.Interner``); a pair of ids becomes one ``int64`` code, and ``KeyIndex`` maps codes
-to dense slot numbers with a sorted table and ``np.searchsorted``. Per-slot values live in
-``Columns``, plain numpy arrays that grow by doubling.
+batch (``gateway.profiles.Interner``); a pair of ids becomes one ``int64`` code, and
+``KeyIndex`` maps codes to dense slot numbers with a sorted table and ``np.searchsorted``.
+Per-slot values live in ``Columns``, plain numpy arrays that grow by doubling.
 """
 
 from __future__ import annotations
