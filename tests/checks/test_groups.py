@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.checks.groups import group_first, last_marked, mark_paths, segmented_cummax, sort_groups
+from gateway.checks.groups import group_first, last_marked, mark_paths, segmented_cummax, sort_groups, stable_order
 
 
 @settings(max_examples=200, deadline=None)
@@ -50,3 +50,10 @@ def test_mark_paths_marks_exactly_the_chains(data: st.DataObject, n: int) -> Non
             want.add(s)
             s = int(link[s])
     assert set(np.flatnonzero(on).tolist()) == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(st.one_of(st.integers(0, 70), st.integers(0, 2**17), st.integers(0, 2**40)), max_size=60))
+def test_stable_order_equals_a_stable_argsort(keys: list[int]) -> None:
+    a = np.array(keys, dtype=np.int64)
+    assert stable_order(a).tolist() == np.argsort(a, kind="stable").tolist()
