@@ -33,6 +33,7 @@ from gateway.sinks.subset import subset
 __all__ = ["PipelineSettings", "Pipeline"]
 
 log = logging.getLogger(__name__)
+_LOG_ALERTS_MAX = 20  # alert events logged one by one per batch; beyond, one summary line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,9 +345,18 @@ class Pipeline:
         if wb.alerts:
             for ev in wb.alerts:
                 m.alerts.labels(ev.event, ev.priority).inc()
-                log.info(
-                    "Alert %s.", "opened" if ev.event == "open" else "closed",
-                    extra={"device_id": ev.device_id, "rule": ev.rule, "priority": ev.priority, "at": ev.at, "value": ev.value},
+            if len(wb.alerts) <= _LOG_ALERTS_MAX:
+                for ev in wb.alerts:
+                    log.info(
+                        "Alert %s.", "opened" if ev.event == "open" else "closed",
+                        extra={"device_id": ev.device_id, "rule": ev.rule, "priority": ev.priority, "at": ev.at, "value": ev.value},
+                    )
+            else:  # a storm (for example a backlog replayed after an outage): one line, the table has them all
+                opened = sum(ev.event == "open" for ev in wb.alerts)
+                log.warning(
+                    "Many alert events in one batch; see the alerts table.",
+                    extra={"opened": opened, "closed": len(wb.alerts) - opened,
+                           "devices": len({ev.device_id for ev in wb.alerts})},
                 )
             for publish in self._alert_publishers:
                 try:

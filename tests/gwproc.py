@@ -91,7 +91,13 @@ class GatewayProcess:
     def metric(self, name: str) -> float:
         import urllib.request
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        for attempt in range(3):
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+                break
+            except ConnectionError:
+                if attempt == 2:
+                    raise
         total = 0.0
         found = False
         for line in body.splitlines():

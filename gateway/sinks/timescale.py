@@ -47,15 +47,24 @@ FROM unnest($1::bigint[], $2::text[], $3::text[], $5::text[], $6::text[], $7::te
             $9::int[], $10::bytea[]) AS u(r, s, p, tp, d, why, h, pb, pl)
 """
 
-_OPEN_ALERT = """
-INSERT INTO alerts (device_id, rule, metric, priority, opened_at, trigger_value, ingest_id)
-VALUES ($1, $2, $3, $4, timestamptz 'epoch' + $5 * interval '1 millisecond', $6, $7)
+# Alert episodes of one batch, written with one statement each way: episodes that opened in
+# this batch are inserted (closed already, or still active); episodes opened earlier and
+# closed now are updated. The partial unique index keeps one active episode per rule.
+_INSERT_ALERTS = """
+INSERT INTO alerts (device_id, rule, metric, priority, opened_at, trigger_value, ingest_id,
+                    cleared_at, clear_value, clear_ingest_id)
+SELECT d, r, m, p, timestamptz 'epoch' + o * interval '1 millisecond', tv, oi,
+       timestamptz 'epoch' + c * interval '1 millisecond', cv, ci
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], $7::bigint[],
+            $8::bigint[], $9::float8[], $10::bigint[]) AS u(d, r, m, p, o, tv, oi, c, cv, ci)
 ON CONFLICT (device_id, rule) WHERE cleared_at IS NULL DO NOTHING
 """
 
-_CLOSE_ALERT = """
-UPDATE alerts SET cleared_at = timestamptz 'epoch' + $3 * interval '1 millisecond', clear_value = $4, clear_ingest_id = $5
-WHERE device_id = $1 AND rule = $2 AND cleared_at IS NULL
+_CLOSE_ALERTS = """
+UPDATE alerts a SET cleared_at = timestamptz 'epoch' + u.c * interval '1 millisecond', clear_value = u.cv,
+                    clear_ingest_id = u.ci
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::bigint[]) AS u(d, r, c, cv, ci)
+WHERE a.device_id = u.d AND a.rule = u.r AND a.cleared_at IS NULL
 """
 
 _READING_COLUMNS = ["time", "device_id", "metric", "value", "flags", "ingest_id"]
@@ -63,10 +72,9 @@ _WAVEFORM_COLUMNS = ["time", "device_id", "metric", "hz", "samples", "flags", "i
 
 
 def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    codes: dict[str, int] = {}
-    setdefault = codes.setdefault
-    out = np.fromiter((setdefault(v, len(codes)) for v in values), dtype=np.int64, count=len(values))
-    return out, list(codes)
+    """Codes into a list of distinct strings (few distinct values, many rows)."""
+    uniques, codes = np.unique(values.astype(str), return_inverse=True)
+    return codes.astype(np.int64), uniques.tolist()
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -207,14 +215,15 @@ class TimescaleSink:
         if len(num) == 0:
             return
         ingest, keep = self._ingest_column(ids, num.env)
+        env_codes, duniq = _factorize(np.array([d.envelope.device_id for d in batch.items], dtype=object))
         if not keep.all():
             sel = np.flatnonzero(keep)
-            t, dev, met, val, flg, ingest = num.t[sel], num.device[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
+            t, env, met, val, flg, ingest = num.t[sel], num.env[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
         else:
-            t, dev, met, val, flg = num.t, num.device, num.metric, num.value, batch.num_flags
+            t, env, met, val, flg = num.t, num.env, num.metric, num.value, batch.num_flags
         if len(t) == 0:
             return
-        dcodes, duniq = _factorize(dev)
+        dcodes = env_codes[env]
         mcodes, muniq = _factorize(met)
         data = copybin.encode_rows([
             copybin.timestamptz_ms(t),
@@ -270,9 +279,24 @@ class TimescaleSink:
         )
 
     async def _write_alerts(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
+        def ingest_of(env: int | None) -> int | None:
+            return ids[env] if env is not None and env < len(ids) else None
+
+        opened: dict[tuple[str, str], list] = {}
+        episodes: list[list] = []  # rows for _INSERT_ALERTS, in opening order
+        closes: list[tuple[str, str, int, float | None, int | None]] = []
         for ev in batch.alerts:
-            ingest_id = ids[ev.env] if ev.env is not None and ev.env < len(ids) else None
+            key = (ev.device_id, ev.rule)
             if ev.event == "open":
-                await conn.execute(_OPEN_ALERT, ev.device_id, ev.rule, ev.metric, ev.priority, ev.at, ev.value, ingest_id)
+                row = [ev.device_id, ev.rule, ev.metric, ev.priority, ev.at, ev.value, ingest_of(ev.env), None, None, None]
+                opened[key] = row
+                episodes.append(row)
+            elif key in opened:
+                row = opened.pop(key)
+                row[7:10] = [ev.at, ev.value, ingest_of(ev.env)]
             else:
-                await conn.execute(_CLOSE_ALERT, ev.device_id, ev.rule, ev.at, ev.value, ingest_id)
+                closes.append((ev.device_id, ev.rule, ev.at, ev.value, ingest_of(ev.env)))
+        if closes:
+            await conn.execute(_CLOSE_ALERTS, *(list(col) for col in zip(*closes)))
+        if episodes:
+            await conn.execute(_INSERT_ALERTS, *(list(col) for col in zip(*episodes)))

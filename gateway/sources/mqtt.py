@@ -33,6 +33,7 @@ from gateway.metrics import Metrics
 from gateway.model import AlertEvent, RawMessage
 from gateway.retry import Backoff
 from gateway.sources import Submit
+from gateway.sources import paho_speed
 
 __all__ = ["MqttSource", "parse_url"]
 
@@ -71,6 +72,7 @@ class MqttSource:
         self._closing = asyncio.Event()
         self._ready = asyncio.Event()
         self.received = 0
+        paho_speed.install()
 
     @staticmethod
     def _topic_parts(topic: str) -> tuple[str, str]:
@@ -105,7 +107,7 @@ class MqttSource:
             password=self._password,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else False,
-            clean_start=False,
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
             keepalive=cfg.keepalive_s,
             tls_context=tls_context,
@@ -115,6 +117,7 @@ class MqttSource:
         inner.manual_ack_set(True)  # before connecting: redelivered messages arrive right after CONNACK
         inner.on_message = self._on_message
         inner.disable_logger()
+        paho_speed.buffer_reads(inner)
         return client
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:

@@ -18,13 +18,24 @@ _ids = itertools.count(1)
 
 
 @pytest.fixture
-def gateway_factory(tmp_path: Path, mosquitto: Mosquitto, request: pytest.FixtureRequest) -> Iterator:
-    """Make GatewayProcess objects bound to the session broker; all are stopped at the end."""
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of this test's own: no session, queue or stray publisher of another test reaches it."""
+    b = Mosquitto(tmp_path / "mosquitto")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path, broker: Mosquitto, request: pytest.FixtureRequest) -> Iterator:
+    """Make GatewayProcess objects bound to this test's broker; all are stopped at the end."""
     made: list[GatewayProcess] = []
 
     def make(db_dsn: str, *, env: dict[str, str] | None = None, client_id: str | None = None) -> GatewayProcess:
         cid = client_id or f"gw-{request.node.name[:40]}-{next(_ids)}-{time.monotonic_ns()}"
-        gw = GatewayProcess(tmp_path / f"gw{len(made)}", db_dsn=db_dsn, mqtt_url=mosquitto.url, client_id=cid, env=env)
+        gw = GatewayProcess(tmp_path / f"gw{len(made)}", db_dsn=db_dsn, mqtt_url=broker.url, client_id=cid, env=env)
         made.append(gw)
         return gw
 

@@ -70,14 +70,14 @@ def assert_exactly_once(dsn: str, envelopes: list[dict]) -> None:
     assert count(dsn, "SELECT count(*) FROM ingests") == len(envelopes)
 
 
-def test_20000_envelopes_from_200_devices_stored_exactly_once_with_provenance(db_dsn, mosquitto, gateway_factory):
+def test_20000_envelopes_from_200_devices_stored_exactly_once_with_provenance(db_dsn, broker, gateway_factory):
     envelopes = pulse_ox_envelopes(200, 100)
     payloads = [encode(e, i) for i, e in enumerate(envelopes)]
     gw = gateway_factory(db_dsn)
     gw.start()
     # MQTT 3.1.1 publisher: encoding told by the first byte; MQTT 5 publisher: by content type.
-    v3 = Publisher(mosquitto.port)
-    v5 = Publisher(mosquitto.port, protocol=mqtt.MQTTv5)
+    v3 = Publisher(broker.port)
+    v5 = Publisher(broker.port, protocol=mqtt.MQTTv5)
     for i, (env, payload) in enumerate(zip(envelopes, payloads)):
         if i % 4 == 3:
             v5.publish(topic(env), payload, content_type="application/json" if i % 2 == 0 else "application/msgpack")
@@ -120,12 +120,12 @@ def test_20000_envelopes_from_200_devices_stored_exactly_once_with_provenance(db
     assert gw.terminate() == 0
 
 
-def test_redelivered_and_repeated_payloads_are_stored_once(db_dsn, mosquitto, gateway_factory):
+def test_redelivered_and_repeated_payloads_are_stored_once(db_dsn, broker, gateway_factory):
     envelopes = pulse_ox_envelopes(5, 20)
     payloads = [encode(e, i) for i, e in enumerate(envelopes)]
     gw = gateway_factory(db_dsn)
     gw.start()
-    pub = Publisher(mosquitto.port)
+    pub = Publisher(broker.port)
     for env, p in zip(envelopes, payloads):
         pub.publish(topic(env), p)
         pub.publish(topic(env), p)  # the same bytes again, as a device retry would send them
@@ -141,13 +141,13 @@ def test_redelivered_and_repeated_payloads_are_stored_once(db_dsn, mosquitto, ga
     assert gw.metric("gateway_envelopes_total") == len(envelopes) * 2 + 30 + 1
 
 
-def test_sigkill_three_times_under_load_loses_and_duplicates_nothing(db_dsn, mosquitto, gateway_factory):
+def test_sigkill_three_times_under_load_loses_and_duplicates_nothing(db_dsn, broker, gateway_factory):
     envelopes = pulse_ox_envelopes(100, 90)
     payloads = [(topic(e), encode(e, i)) for i, e in enumerate(envelopes)]
     gw = gateway_factory(db_dsn, env={"VITALGATE_BATCH_MAX_ROWS": "400"})
     gw.start()
     rng = random.Random(20261126)
-    publisher = publish_paced(mosquitto.port, payloads, per_second=1200)
+    publisher = publish_paced(broker.port, payloads, per_second=1200)
     kills = 0
     while kills < 3:
         # under load: some rows are committed, some batches are in flight
@@ -165,7 +165,7 @@ def test_sigkill_three_times_under_load_loses_and_duplicates_nothing(db_dsn, mos
     assert gw.terminate() == 0
 
 
-def test_postgres_down_20s_under_load_then_back_nothing_lost_memory_bounded(mosquitto, gateway_factory):
+def test_postgres_down_20s_under_load_then_back_nothing_lost_memory_bounded(broker, gateway_factory):
     cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="vitalgate-outage-")))
     cluster.start()
     try:
@@ -175,7 +175,7 @@ def test_postgres_down_20s_under_load_then_back_nothing_lost_memory_bounded(mosq
         gw.start()
         envelopes = pulse_ox_envelopes(50, 320)
         payloads = [(topic(e), encode(e, i)) for i, e in enumerate(envelopes)]
-        publisher = publish_paced(mosquitto.port, payloads, per_second=400)  # ~40 s of load
+        publisher = publish_paced(broker.port, payloads, per_second=400)  # ~40 s of load
         wait_for(lambda: count(dsn, "SELECT count(*) FROM ingests") > 1000, timeout=60)
         rss_before = gw.rss_bytes()
         cluster.stop()
@@ -202,13 +202,13 @@ def test_postgres_down_20s_under_load_then_back_nothing_lost_memory_bounded(mosq
         cluster.cleanup()
 
 
-def test_sigterm_under_load_drains_acks_and_exits_0(db_dsn, mosquitto, gateway_factory):
+def test_sigterm_under_load_drains_acks_and_exits_0(db_dsn, broker, gateway_factory):
     envelopes = pulse_ox_envelopes(40, 100)
     payloads = [(topic(e), encode(e, i)) for i, e in enumerate(envelopes)]
     client_id = f"gw-sigterm-{time.monotonic_ns()}"
     gw = gateway_factory(db_dsn, client_id=client_id)
     gw.start()
-    publisher = publish_paced(mosquitto.port, payloads, per_second=1000)
+    publisher = publish_paced(broker.port, payloads, per_second=1000)
     wait_for(lambda: count(db_dsn, "SELECT count(*) FROM ingests") > 500, timeout=60)
     started = time.monotonic()
     assert gw.terminate(timeout=40) == 0
@@ -226,24 +226,24 @@ def test_sigterm_under_load_drains_acks_and_exits_0(db_dsn, mosquitto, gateway_f
     assert gw2.terminate() == 0
 
 
-def test_broker_restart_gateway_reconnects_and_keeps_its_session(db_dsn, mosquitto, gateway_factory):
+def test_broker_restart_gateway_reconnects_and_keeps_its_session(db_dsn, broker, gateway_factory):
     client_id = f"gw-broker-restart-{time.monotonic_ns()}"
     gw = gateway_factory(db_dsn, client_id=client_id)
     gw.start()
     first = pulse_ox_envelopes(10, 10, prefix="a")
-    pub = Publisher(mosquitto.port)
+    pub = Publisher(broker.port)
     for i, e in enumerate(first):
         pub.publish(topic(e), encode(e, i))
     pub.wait_acked()
     pub.close()
     wait_ingests(db_dsn, len(first), timeout=60, gw=gw)
-    mosquitto.restart()
+    broker.restart()
     wait_for(lambda: gw.log_text().count("Subscribed.") >= 2, timeout=60, message=lambda: gw.log_tail())
     assert "MQTT connection lost; reconnecting." in gw.log_text()
     # stop the gateway; what is published meanwhile waits in its persistent session
     assert gw.terminate() == 0
     second = pulse_ox_envelopes(10, 10, prefix="b")
-    pub = Publisher(mosquitto.port)
+    pub = Publisher(broker.port)
     for i, e in enumerate(second):
         pub.publish(topic(e), encode(e, i))
     pub.wait_acked()

@@ -72,10 +72,10 @@ CASES = [
 ]
 
 
-def test_every_malformed_class_is_quarantined_with_its_reason_and_the_pipeline_goes_on(db_dsn, mosquitto, gateway_factory):
+def test_every_malformed_class_is_quarantined_with_its_reason_and_the_pipeline_goes_on(db_dsn, broker, gateway_factory):
     gw = gateway_factory(db_dsn)
     gw.start()
-    pub = Publisher(mosquitto.port)
+    pub = Publisher(broker.port)
     good = J(env(device_id="po-good", seq=1))
     for _, topic, payload, _, _ in CASES:
         pub.publish(topic, payload)

@@ -1,0 +1,98 @@
+"""Two narrow speed-ups of paho's receive path, which dominates the gateway's CPU time.
+
+1. MQTT 5 property blocks: paho builds a fresh ``Properties`` object per packet, whose
+   constructor rebuilds three lookup tables and whose ``clear()`` scans all 27 property
+   names. ``FastProperties`` shares the tables (they never change) and returns at once
+   for the common empty block. Parsing of non-empty blocks is paho's own code.
+2. Socket reads: paho reads a packet's fixed header one byte per ``recv`` call.
+   ``buffer_reads`` gives one client a read buffer filled 64 KiB at a time, and drains
+   every packet already buffered on each readiness event (the socket will not signal
+   readiness again for bytes we already hold).
+
+Both keep paho's behaviour and error handling; ``tests/sources/test_paho_speed.py``
+checks them against paho's own parsing.
+"""
+
+from __future__ import annotations
+
+import paho.mqtt._packet as paho_packet
+import paho.mqtt.client as paho_client
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+__all__ = ["FastProperties", "install", "buffer_reads"]
+
+_PROTO = Properties(PacketTypes.PUBLISH)
+_READ_SIZE = 65536
+
+
+class FastProperties(Properties):
+    """``Properties`` with shared lookup tables and a fast path for empty property blocks."""
+
+    types = _PROTO.types
+    names = _PROTO.names
+    properties = _PROTO.properties
+
+    def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's name
+        object.__setattr__(self, "packetType", packetType)
+
+    def clear(self) -> None:
+        for key in [k for k in self.__dict__ if k != "packetType"]:
+            object.__delattr__(self, key)
+
+    def unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
+        if buffer[:1] == b"\x00":
+            self.clear()
+            return self, 1
+        return super().unpack(buffer)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Make paho's packet decoding use ``FastProperties`` (idempotent)."""
+    global _installed
+    if not _installed:
+        paho_packet.Properties = FastProperties  # type: ignore[attr-defined]
+        paho_client.Properties = FastProperties  # type: ignore[attr-defined]
+        _installed = True
+
+
+def buffer_reads(client: paho_client.Client) -> None:
+    """Give ``client`` a read buffer; call before connecting. Each connection needs a new client."""
+    buf = bytearray()
+    original_loop_read = client.loop_read
+
+    def sock_recv(bufsize: int) -> bytes:
+        if not buf:
+            sock = client._sock  # noqa: SLF001
+            if sock is None:
+                raise ConnectionError("self._sock is None")
+            data = sock.recv(max(bufsize, _READ_SIZE))  # BlockingIOError/SSL errors propagate as in paho
+            if not data:
+                return b""
+            buf.extend(data)
+        out = bytes(buf[:bufsize])
+        del buf[:bufsize]
+        return out
+
+    def recv_translating_ssl(bufsize: int) -> bytes:
+        import ssl
+
+        try:
+            return sock_recv(bufsize)
+        except ssl.SSLWantReadError as err:
+            raise BlockingIOError() from err
+        except ssl.SSLWantWriteError as err:
+            client._call_socket_register_write()  # noqa: SLF001
+            raise BlockingIOError() from err
+
+    def loop_read(max_packets: int = 1) -> paho_client.MQTTErrorCode:
+        rc = original_loop_read(max_packets)
+        while rc == paho_client.MQTTErrorCode.MQTT_ERR_SUCCESS and buf and client._sock is not None:  # noqa: SLF001
+            rc = original_loop_read(max_packets)
+        return rc
+
+    client._sock_recv = recv_translating_ssl  # type: ignore[method-assign] # noqa: SLF001
+    client.loop_read = loop_read  # type: ignore[method-assign]

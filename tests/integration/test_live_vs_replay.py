@@ -1,0 +1,94 @@
+"""The same recording published over MQTT and replayed offline gives the same flags and alert episodes.
+
+Recordings are shifted so that their last reading is a few seconds old: live receipt time
+(the wall clock) and replay receipt time (the envelope's latest reading) then raise the
+same clock flags, none. ``silent`` alerts are left to the unit tests: live, they follow the
+wall clock by contract, and a recording published faster than real time cannot reproduce
+them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.model import FLAG_NAMES
+from gateway.profiles import load_profiles
+from gateway.replay import Replay
+from tests.gwproc import PROFILES, Publisher
+from tests.integration.test_ingest import count, fetch, wait_ingests
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = PROFILES / "examples"
+RECORDINGS = ["desaturation", "probe_off", "frozen_sensor"]
+
+
+def shifted(name: str, now_ms: int) -> list[bytes]:
+    envs = [orjson.loads(line) for line in (EXAMPLES / f"{name}.ndjson").read_bytes().splitlines() if line.strip()]
+    last = max(max([n["t"] for n in e.get("numerics", [])] + [w["t0"] for w in e.get("waveforms", [])]) for e in envs)
+    offset = now_ms - 5000 - last
+    for e in envs:
+        e.pop("received_at", None)
+        for n in e.get("numerics", []):
+            n["t"] += offset
+        for w in e.get("waveforms", []):
+            w["t0"] += offset
+        if "sent_at" in e:
+            e["sent_at"] += offset
+    return [orjson.dumps(e) for e in envs]
+
+
+def episodes_from_replay(records: list[dict]) -> list[tuple]:
+    opened: dict[tuple[str, str], dict] = {}
+    out = []
+    for r in records:
+        if r["type"] != "alert" or r["rule"].endswith("silent"):
+            continue
+        key = (r["device_id"], r["rule"])
+        if r["event"] == "open":
+            opened[key] = r
+        else:
+            o = opened.pop(key)
+            out.append((r["device_id"], r["rule"], r["priority"], r["metric"], o["at"], o["value"], r["at"], r["value"]))
+    out += [(o["device_id"], o["rule"], o["priority"], o["metric"], o["at"], o["value"], None, None) for o in opened.values()]
+    return sorted(out, key=lambda e: (e[0], e[1], e[4]))
+
+
+@pytest.mark.parametrize("name", RECORDINGS)
+def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
+    lines = shifted(name, int(time.time() * 1000))
+    replay = Replay(load_profiles(PROFILES))
+    records = list(replay.feed(lines)) + [replay.summary()]
+    summary = records[-1]
+    assert summary["rejected"] == 0
+
+    gw = gateway_factory(db_dsn)
+    gw.start()
+    pub = Publisher(broker.port)
+    for line in lines:
+        env = orjson.loads(line)
+        pub.publish(f"devices/{env['device_id']}/telemetry", line)
+    pub.wait_acked()
+    pub.close()
+    wait_ingests(db_dsn, len(lines), timeout=60, gw=gw)
+
+    for bit, flag in enumerate(FLAG_NAMES):
+        live = count(db_dsn, f"SELECT (SELECT count(*) FROM readings WHERE flags & {1 << bit} <> 0)"
+                             f" + (SELECT count(*) FROM waveform_blocks WHERE flags & {1 << bit} <> 0)")
+        assert live == summary["flags"][flag], flag
+    assert count(db_dsn, "SELECT count(*) FROM readings") == summary["readings"]
+    assert sum(summary["flags"].values()) > 0 or name == "desaturation"
+
+    rows = fetch(db_dsn, """SELECT device_id, rule, priority, metric,
+                                   (extract(epoch FROM opened_at) * 1000)::bigint AS o, trigger_value,
+                                   (extract(epoch FROM cleared_at) * 1000)::bigint AS c, clear_value
+                              FROM alerts WHERE rule NOT LIKE '%silent' ORDER BY device_id, rule, opened_at""")
+    live_episodes = [tuple(r) for r in rows]
+    assert live_episodes == episodes_from_replay(records)
+    if name == "desaturation":
+        assert any(e[1] == "spo2_low" for e in live_episodes)
+    assert gw.terminate() == 0
