@@ -98,6 +98,7 @@ class Pipeline:
         self._last_seq: dict[str, int] = {}
         self._next_tick = 0.0
         self._alert_publishers: list[AlertPublisher] = []
+        self._received: dict[str, object] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.committed_batches = 0
@@ -127,6 +128,10 @@ class Pipeline:
             batch.created = time.monotonic()
         self._in_flight += 1
         self._idle.clear()
+        counter = self._received.get(raw.source)
+        if counter is None:
+            counter = self._received[raw.source] = self.metrics.received.labels(raw.source)
+        counter.inc()
         batch.order.append(raw)
         try:
             d = decode(
@@ -138,9 +143,10 @@ class Pipeline:
                 max_bytes=self.settings.max_payload_bytes,
             )
         except RejectError as exc:
-            batch.rejected.append(Rejected(raw, exc.reason, exc.device_id))
-            batch.nbytes += len(raw.payload)
-            self._log_reject(raw, exc)
+            self._reject(batch, raw, exc)
+        except Exception as exc:  # noqa: BLE001 - a payload must never break the transport's read loop
+            log.exception("Decoder failed unexpectedly; quarantining the payload.", extra={"origin": raw.topic_or_path})
+            self._reject(batch, raw, RejectError(f"payload: could not be decoded ({type(exc).__name__})", raw.topic_device_id))
         else:
             key = (d.envelope.device_id, d.sha256)
             if key not in self._pending_keys:
@@ -159,6 +165,11 @@ class Pipeline:
             self._seal()
         elif len(batch.order) == 1:
             self._wakeup.set()
+
+    def _reject(self, batch: _Batch, raw: RawMessage, exc: RejectError) -> None:
+        batch.rejected.append(Rejected(raw, exc.reason, exc.device_id))
+        batch.nbytes += len(raw.payload)
+        self._log_reject(raw, exc)
 
     def _log_reject(self, raw: RawMessage, exc: RejectError) -> None:
         reason = exc.reason
@@ -266,8 +277,30 @@ class Pipeline:
         try:
             await self._retry("write", lambda: self.sink.write(wb))
         except SinkError as exc:
-            await self._write_split(wb, exc)
+            if exc.data_error and len(wb.items) + len(wb.rejected) > 0:
+                await self._write_split(wb, exc)
+            else:
+                await self._hold(wb, exc)
         self._after_commit(batch, wb, len(known))
+
+    async def _hold(self, wb: WriteBatch, exc: SinkError) -> None:
+        """A permanent error that is not about the data (permissions, read-only standby, schema):
+        nothing in the batch is at fault, so keep it and retry until an operator fixes the cause."""
+        backoff = Backoff(self.settings.retry_max_s, self.settings.retry_max_s * 3)
+        while True:
+            log.error(
+                "Database refuses the write; holding the batch until the cause is fixed.",
+                extra={"error": str(exc), "sqlstate": exc.sqlstate, "envelopes": len(wb.items)},
+            )
+            await asyncio.sleep(backoff.next_delay())
+            try:
+                await self._retry("write", lambda: self.sink.write(wb))
+                return
+            except SinkError as again:
+                if again.data_error:
+                    await self._write_split(wb, again)
+                    return
+                exc = again
 
     async def _write_split(self, wb: WriteBatch, exc: SinkError) -> None:
         """A permanent error: isolate the envelope(s) the database refuses, quarantine them, store the rest."""
@@ -292,8 +325,15 @@ class Pipeline:
                 ids[i] = v
 
         await attempt(list(range(len(wb.items))))
-        rest = WriteBatch(rejected=wb.rejected + refused, alerts=[e for e in wb.alerts if e.env is None or ids[e.env] is not None])
-        await self._retry("write", lambda: self.sink.write(rest))
+        rest = WriteBatch(rejected=wb.rejected + refused, alerts=wb.alerts, alert_ingest_ids=ids)
+        try:
+            await self._retry("write", lambda: self.sink.write(rest))
+        except SinkError as err:
+            # the rejects or alerts themselves are refused: keep the quarantine rows, which matter most
+            log.error("Alerts of the batch refused by the database; dropping them.", extra={"error": str(err),
+                      "alerts": len(rest.alerts)})
+            rest.alerts = []
+            await self._retry("write", lambda: self.sink.write(rest))
         wb.rejected = rest.rejected
 
     def _count_seq_gaps(self, items: list[Decoded]) -> None:

@@ -151,7 +151,7 @@ class MqttSource:
     def _acker(self, generation: int, mid: int, qos: int):  # noqa: ANN202
         def ack() -> None:
             client = self._client
-            if client is None or generation != self._generation or not self._connected:
+            if client is None or generation != self._generation:
                 return  # that connection is gone; the broker redelivers and dedupe stores it once
             client._client.ack(mid, qos)  # noqa: SLF001
 
@@ -169,9 +169,12 @@ class MqttSource:
         while not self._closing.is_set():
             client = self._make_client()
             self._client = client
+            # A new generation before connecting: a persistent session redelivers its
+            # backlog in the same read as CONNACK, and those messages must be acked on
+            # this connection.
+            self._generation += 1
             try:
                 async with client:
-                    self._generation += 1
                     self._connected = True
                     self._metrics.mqtt_connected.set(1)
                     await client.subscribe(self._cfg.topic, qos=1)

@@ -252,4 +252,16 @@ def test_broker_restart_gateway_reconnects_and_keeps_its_session(db_dsn, broker,
     gw2.start()
     wait_ingests(db_dsn, len(first) + len(second), timeout=60, gw=gw2)
     assert_exactly_once(db_dsn, first + second)
+    assert gw2.metric("gateway_messages_received_total") == len(second)
     assert gw2.terminate() == 0
+    # the backlog redelivered right after CONNACK was acknowledged: a new session start gets nothing back
+    gw3 = gateway_factory(db_dsn, client_id=client_id)
+    gw3.start()
+    marker = pulse_ox_envelopes(1, 1, prefix="c")
+    pub = Publisher(broker.port)
+    pub.publish(topic(marker[0]), encode(marker[0], 0))
+    pub.wait_acked()
+    pub.close()
+    wait_ingests(db_dsn, len(first) + len(second) + 1, timeout=60, gw=gw3)
+    assert gw3.metric("gateway_messages_received_total") == 1
+    assert gw3.terminate() == 0
