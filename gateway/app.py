@@ -8,6 +8,7 @@ Payloads not acknowledged by then stay with the transport (MQTT redelivers them)
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -96,6 +97,12 @@ class Gateway:
                 cfg.mqtt, client_id=cfg.mqtt_client_id, submit=self.pipeline.submit, metrics=self.metrics
             )
             self.pipeline.add_alert_publisher(self.mqtt.publish_alerts)
+        # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
+        # young generation is collected less often: batches hold thousands of short-lived,
+        # acyclic objects until their commit, which otherwise triggers needless full scans.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("Metrics served.", extra={"address": f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"})
@@ -142,6 +149,9 @@ class Gateway:
                 )
             drain.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+        if not writer.cancelled() and writer.exception() is not None:
+            self.drained = False
+            log.error("Writer failed while draining.", extra={"error": repr(writer.exception())})
         if self.mqtt is not None:
             await self.mqtt.close()
         for t in sources:

@@ -29,6 +29,7 @@ _JSON = msgspec.json.Decoder(Envelope)
 _MSGPACK = msgspec.msgpack.Decoder(Envelope)
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_MS = 253_402_300_799_999  # end of year 9999
 _MS = 1000
 
 _JSON_TYPES = {"application/json", "text/json"}
@@ -140,6 +141,14 @@ def _reason_from(exc: msgspec.ValidationError) -> str:
     return f"{path or 'payload'}: {text.strip()}"
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _name(name: str) -> str:
+    """A device-supplied key as it appears in a reason: bare when plain, else quoted and escaped."""
+    return name if _SAFE_NAME.match(name) else repr(name)
+
+
 _DICT_VALUE = re.compile(r"^numerics\[(\d+)\]\.values\[\.\.\.\]")
 
 
@@ -154,7 +163,7 @@ def _name_dict_key(reason: str, payload: bytes, encoding: str) -> str:
         bad = next(k for k, v in values.items() if type(v) not in (int, float))
     except Exception:  # noqa: BLE001 - best effort: keep msgspec's wording
         return reason
-    return f"numerics[{m.group(1)}].values.{bad}" + reason[m.end():]
+    return f"numerics[{m.group(1)}].values.{_name(bad)}" + reason[m.end():]
 
 
 def _peek_device_id(payload: bytes, encoding: str) -> str | None:
@@ -198,6 +207,10 @@ def decode(
     except msgspec.ValidationError as exc:
         reason = _name_dict_key(_reason_from(exc), payload, encoding)
         raise RejectError(reason, topic_device_id or _peek_device_id(payload, encoding)) from None
+    except UnicodeDecodeError:
+        raise RejectError("payload: a string is not valid UTF-8", topic_device_id) from None
+    except RecursionError:
+        raise RejectError("payload: nested too deeply", topic_device_id) from None
     except msgspec.DecodeError as exc:
         what = "MessagePack" if encoding == "msgpack" else "JSON"
         detail = str(exc).replace("JSON is malformed: ", "").replace("MessagePack data is malformed: ", "")
@@ -231,14 +244,14 @@ def decode(
         for name in values:
             spec = metrics.get(name)
             if spec is None:
-                raise RejectError(f"numerics[{i}].values.{name}: unknown metric for profile {pname!r}", dev)
+                raise RejectError(f"numerics[{i}].values.{_name(name)}: unknown metric for profile {pname!r}", dev)
             if spec.kind != "numeric":
                 raise RejectError(f"numerics[{i}].values.{name}: {name!r} is a waveform metric, send it in waveforms", dev)
         vals = values.values()
         if not math.isfinite(sum(vals)):
             for name, v in values.items():
                 if not math.isfinite(v):
-                    raise RejectError(f"numerics[{i}].values.{name}: expected a finite number, got {v}", dev)
+                    raise RejectError(f"numerics[{i}].values.{_name(name)}: expected a finite number, got {v}", dev)
         num_t.extend([_ms(n.t)] * len(values))
         num_metric.extend(values.keys())
         num_value.extend(vals)
@@ -257,8 +270,11 @@ def decode(
             raise RejectError(f"waveforms[{i}].samples: must not be empty", dev)
         if not math.isfinite(w.hz):
             raise RejectError(f"waveforms[{i}].hz: expected a finite number > 0", dev)
+        t0 = _ms(w.t0)
+        if t0 + (len(w.samples) - 1) * _MS / w.hz > _MAX_MS:
+            raise RejectError(f"waveforms[{i}].hz: too low, the block would end after 9999-12-31", dev)
         wav_metric.append(w.metric)
-        wav_t0.append(_ms(w.t0))
+        wav_t0.append(t0)
         wav_hz.append(w.hz)
         wav_len.append(len(w.samples))
 

@@ -39,6 +39,12 @@ class RejectError(GatewayError):
 class SinkError(GatewayError):
     """A write to storage failed; ``retriable`` says whether the same write may succeed later."""
 
-    def __init__(self, message: str, *, retriable: bool) -> None:
+    def __init__(self, message: str, *, retriable: bool, sqlstate: str | None = None) -> None:
         self.retriable = retriable
+        self.sqlstate = sqlstate
         super().__init__(message)
+
+    @property
+    def data_error(self) -> bool:
+        """The database refused the data itself (SQLSTATE class 22 or 23), not the operation."""
+        return (self.sqlstate or "")[:2] in ("22", "23")

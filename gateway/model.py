@@ -57,14 +57,14 @@ FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in Flag)  # type: ignore[misc]
 ARTIFACT_FLAGS = int(Flag.OUT_OF_RANGE | Flag.SPIKE | Flag.NOT_FINITE)
 
 
-class Numeric(Struct, frozen=True):
+class Numeric(Struct, frozen=True, gc=False):
     """One timestamped set of numeric values: metric name -> number."""
 
     t: Timestamp
     values: dict[str, float]
 
 
-class Waveform(Struct, frozen=True):
+class Waveform(Struct, frozen=True, gc=False):
     """One fixed-rate block of samples of one waveform metric; sample i is at t0 + i/hz."""
 
     metric: str
@@ -73,7 +73,7 @@ class Waveform(Struct, frozen=True):
     samples: list[float]
 
 
-class Envelope(Struct, frozen=True):
+class Envelope(Struct, frozen=True, gc=False):
     """The telemetry envelope, version 1. Unknown fields are ignored (forward compatible)."""
 
     v: int

@@ -36,6 +36,8 @@ _RETRIABLE_CODES = {"40001", "40P01", "55P03"}
 
 def is_retriable(exc: BaseException) -> bool:
     """Whether the same database write may succeed later."""
+    if isinstance(exc, asyncpg.exceptions.InterfaceError) and isinstance(exc, ValueError):
+        return False  # asyncpg could not encode an argument: the same data fails again
     if isinstance(exc, (OSError, TimeoutError, ConnectionError, asyncpg.exceptions.InterfaceError)):
         return True
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):

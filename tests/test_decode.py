@@ -85,6 +85,10 @@ def test_default_profile_applies_only_when_the_envelope_names_none():
         (msgspec.msgpack.encode(env(numerics=[{"t": T, "values": {"spo2": float("inf")}}])),
          "numerics[0].values.spo2: expected a finite number, got inf"),
         (b'{"v":1,"device_id":"po-1","numerics":[{"t":1,"values":{"spo2":NaN}}]}', "payload: invalid JSON: invalid character (byte 62)"),
+        (orjson.dumps(env(numerics=[{"t": T, "values": {"sp\u0000o2": 1}}])),
+         "numerics[0].values.'sp\\x00o2': unknown metric for profile 'pulse_oximeter'"),
+        (orjson.dumps(env(waveforms=[{"metric": "pleth", "t0": T, "hz": 5e-324, "samples": [1.0, 2.0]}])),
+         "waveforms[0].hz: too low, the block would end after 9999-12-31"),
     ],
 )
 def test_reject_reasons_name_the_field(payload: bytes, reason: str):

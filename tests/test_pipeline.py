@@ -45,7 +45,7 @@ class MemorySink:
         if self.fail_next:
             raise self.fail_next.pop(0)
         if self.refuse_device and any(d.device_id == self.refuse_device for d in batch.items):
-            raise SinkError("invalid input syntax", retriable=False)
+            raise SinkError("invalid input syntax", retriable=False, sqlstate="22P02")
         ids = []
         for d in batch.items:
             key = (d.device_id, d.sha256)
@@ -177,3 +177,33 @@ async def test_stop_drains_what_was_taken_and_refuses_more():
     assert pipe.in_flight == 0
     with pytest.raises(RuntimeError):
         pipe.submit(raw(99, events))
+
+
+async def test_a_permanent_error_not_about_the_data_holds_the_batch_instead_of_quarantining_it():
+    events: list = []
+    sink = MemorySink(events)
+    sink.fail_next = [SinkError("cannot execute COPY in a read-only transaction", retriable=False, sqlstate="25006")] * 3
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    for s in range(4):
+        pipe.submit(raw(s, events))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert len(sink.stored) == 4 and sink.rejected == []
+    assert [v for k, v in events if k == "ack"] == [0, 1, 2, 3]
+
+
+async def test_a_payload_the_decoder_chokes_on_is_quarantined_not_raised():
+    events: list = []
+    sink = MemorySink(events)
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    pipe.submit(raw(0, events, payload=b'{"v":1,"device_id":"po-1","firmware":"v2.4\xe9","numerics":[]}'))
+    pipe.submit(raw(1, events, payload=b'{"x":' + b"[" * 1200 + b"]" * 1200 + b"}"))
+    pipe.submit(raw(2, events))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert sink.rejected == ["payload: a string is not valid UTF-8", "payload: nested too deeply"]
+    assert [v for k, v in events if k == "ack"] == [0, 1, 2]

@@ -37,6 +37,8 @@ class WriteBatch:
     wav_flags: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
     rejected: list[Rejected] = field(default_factory=list)
     alerts: list[AlertEvent] = field(default_factory=list)
+    # ingest ids of the envelopes alerts refer to, when they were stored by an earlier write
+    alert_ingest_ids: list[int | None] | None = None
 
 
 class Sink(Protocol):

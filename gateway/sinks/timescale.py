@@ -77,6 +77,11 @@ def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int64), uniques.tolist()
 
 
+def _clean(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; device-supplied text in reasons is escaped, this is the last guard."""
+    return text.replace("\x00", "\\x00") if text else text
+
+
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -164,9 +169,12 @@ class TimescaleSink:
                 if batch.rejected:
                     await self._write_rejected(conn, batch)
                 if batch.alerts:
-                    await self._write_alerts(conn, batch, ids)
+                    alert_ids = batch.alert_ingest_ids if batch.alert_ingest_ids is not None else ids
+                    await self._write_alerts(conn, batch, alert_ids)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
-            raise SinkError(f"write failed: {exc}", retriable=is_retriable(exc)) from exc
+            raise SinkError(
+                f"write failed: {exc}", retriable=is_retriable(exc), sqlstate=getattr(exc, "sqlstate", None)
+            ) from exc
         return ids
 
     async def _write_ingests(self, conn: asyncpg.Connection, batch: WriteBatch) -> list[int | None]:
@@ -271,8 +279,8 @@ class TimescaleSink:
             [r.raw.principal for r in rej],
             self._gateway_id,
             [r.raw.topic_or_path for r in rej],
-            [r.device_id for r in rej],
-            [r.reason for r in rej],
+            [_clean(r.device_id) for r in rej],
+            [_clean(r.reason) for r in rej],
             [hashlib.sha256(r.raw.payload).digest() for r in rej],
             [len(r.raw.payload) for r in rej],
             [r.raw.payload[:limit] for r in rej],
