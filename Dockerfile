@@ -16,7 +16,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VITALGATE_PROFILES_DIR=/app/device_profiles \
-    VITALGATE_HTTP_HOST=0.0.0.0 \
     VITALGATE_METRICS_HOST=0.0.0.0
 RUN groupadd --system --gid 10001 vitalgate \
  && useradd --system --uid 10001 --gid vitalgate --home-dir /app --no-create-home --shell /usr/sbin/nologin vitalgate
@@ -25,7 +24,7 @@ RUN pip install --no-index --find-links /wheels vitalgate && rm -rf /wheels
 WORKDIR /app
 COPY --chown=root:root device_profiles/ /app/device_profiles/
 USER vitalgate:vitalgate
-# HTTPS telemetry, Prometheus metrics
-EXPOSE 8443 9464
+# Prometheus metrics
+EXPOSE 9464
 ENTRYPOINT ["vitalgate"]
 CMD ["run"]

@@ -3,7 +3,7 @@ PYTHON ?= .venv/bin/python
 PYTEST_ARGS ?=
 BENCH_STAMP := .venv/.vitalgate-bench.stamp
 
-.PHONY: all setup test demo bench bench-peer lint clean distclean
+.PHONY: all setup test demo bench lint clean distclean
 
 all: test
 
@@ -20,10 +20,6 @@ demo: setup
 
 bench: setup $(BENCH_STAMP)
 	$(PYTHON) -m bench.run
-
-# Placeholder: the peer comparison (bench/peer.py) brings its own prerequisites.
-bench-peer: setup
-	$(PYTHON) -m bench.peer
 
 # The bench extra, reinstalled when pyproject.toml changes.
 # Quiet on success (setuptools' build warnings are noise); the whole log on failure.

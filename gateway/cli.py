@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import asyncio
 import logging
 import signal
@@ -93,7 +94,8 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     for section in ("database", "mqtt"):
         if data[section].get("password"):
             data[section]["password"] = "***"
-    sys.stdout.write(msgspec.toml.encode(data).decode())
+        data[section]["url"] = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", data[section]["url"])
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(data), indent=2).decode() + "\n")
     return 0
 
 
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("config", help="inspect the configuration", description="Inspect the configuration.")
     conf_sub = conf.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = with_config(conf_sub.add_parser(
-        "show", help="print the effective configuration (file + environment) as TOML",
+        "show", help="print the effective configuration (file + environment) as JSON",
         description="Validate and print the effective configuration; exit 2 naming the bad key if invalid.",
     ))
     show.set_defaults(func=_cmd_config_show)

@@ -21,7 +21,6 @@ from gateway.errors import ConfigError
 __all__ = [
     "DatabaseConfig",
     "MqttConfig",
-    "HttpConfig",
     "BatchConfig",
     "RetryConfig",
     "ChecksConfig",
@@ -65,14 +64,6 @@ class MqttConfig(_Section):
     tls_key: str | None = None
 
 
-class HttpConfig(_Section):
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: Port = 8443
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-
 class BatchConfig(_Section):
     max_rows: PosInt = 10_000
     max_bytes: PosInt = 8 * 1024 * 1024
@@ -99,23 +90,21 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_payload_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     quarantine_payload_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024
-    max_in_flight: Annotated[int, Meta(ge=1)] = 20_000
     shutdown_timeout_s: PosFloat = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: Port = 9464
     database: DatabaseConfig = DatabaseConfig()
     mqtt: MqttConfig = MqttConfig()
-    http: HttpConfig = HttpConfig()
     batch: BatchConfig = BatchConfig()
     retry: RetryConfig = RetryConfig()
     checks: ChecksConfig = ChecksConfig()
     profiles: ProfilesConfig = ProfilesConfig()
 
     def __post_init__(self) -> None:
-        if not self.mqtt.enabled and not self.http.enabled:
-            raise ValueError("at least one of mqtt.enabled and http.enabled must be true")
-        if self.http.enabled and (self.http.tls_cert is None) != (self.http.tls_key is None):
-            raise ValueError("http.tls_cert and http.tls_key go together")
+        if not self.mqtt.enabled:
+            raise ValueError("mqtt.enabled is false and there is no other source: nothing to ingest")
+        if (self.mqtt.tls_cert is None) != (self.mqtt.tls_key is None):
+            raise ValueError("mqtt.tls_cert and mqtt.tls_key go together")
 
     @property
     def mqtt_client_id(self) -> str:
