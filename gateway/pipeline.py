@@ -46,6 +46,7 @@ class PipelineSettings:
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     tick_s: float = 1.0
+    max_concurrent_writes: int = 2
     checks: CheckSettings = field(default_factory=CheckSettings)
 
 
@@ -102,6 +103,12 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self.committed_batches = 0
+        self._write_slots = asyncio.Semaphore(settings.max_concurrent_writes)
+        self._writes: set[asyncio.Task[None]] = set()
+        self._next_seq = 0
+        self._acked_seq = 0
+        self._committed: dict[int, tuple[_Batch, WriteBatch, int]] = {}
+        self._write_failed: BaseException | None = None
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.metrics.backlog_rows.set_function(lambda: self._pending_rows)
 
@@ -199,14 +206,24 @@ class Pipeline:
     async def run(self) -> None:
         """Write batches until ``stop()`` was called and nothing is pending."""
         self._next_tick = time.monotonic() + self.settings.tick_s
-        while True:
-            batch = await self._next_batch()
-            events = self._tick_events()
-            if batch is None and not events:
-                if self._stopping and not self._sealed and not self._current.order:
-                    return
-                continue
-            await self._process(batch or _Batch(), events)
+        try:
+            while True:
+                if self._write_failed is not None:
+                    raise self._write_failed
+                batch = await self._next_batch()
+                events = self._tick_events()
+                if batch is None and not events:
+                    if self._stopping and not self._sealed and not self._current.order:
+                        break
+                    continue
+                await self._process(batch or _Batch(), events)
+            while self._writes:
+                await asyncio.wait(set(self._writes))
+            if self._write_failed is not None:
+                raise self._write_failed
+        finally:
+            for t in list(self._writes):
+                t.cancel()
 
     def _tick_events(self) -> list[AlertEvent]:
         now = time.monotonic()
@@ -274,14 +291,45 @@ class Pipeline:
         events = tick_events + events
         wb = WriteBatch(items=items, raws=raws, num=num, num_flags=nflags, wav=wav, wav_flags=wflags,
                         rejected=batch.rejected, alerts=events)
+        # Up to `max_concurrent_writes` transactions run at once, so the database works on
+        # one batch while the next is decoded and checked. Acks still go out in arrival
+        # order (see _finish). A batch with alert events waits for the writes before it:
+        # closing an episode must find the row that opened it.
+        await self._write_slots.acquire()
+        seq = self._next_seq
+        self._next_seq += 1
+        before = set(self._writes) if events else set()
+        task = asyncio.create_task(self._write_then_finish(seq, batch, wb, len(known), before), name=f"write-{seq}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write_then_finish(
+        self, seq: int, batch: _Batch, wb: WriteBatch, n_known: int, before: set[asyncio.Task[None]]
+    ) -> None:
         try:
-            await self._retry("write", lambda: self.sink.write(wb))
-        except SinkError as exc:
-            if exc.data_error and len(wb.items) + len(wb.rejected) > 0:
-                await self._write_split(wb, exc)
-            else:
-                await self._hold(wb, exc)
-        self._after_commit(batch, wb, len(known))
+            if before:
+                await asyncio.wait(before)
+            try:
+                await self._retry("write", lambda: self.sink.write(wb))
+            except SinkError as exc:
+                if exc.data_error and len(wb.items) + len(wb.rejected) > 0:
+                    await self._write_split(wb, exc)
+                else:
+                    await self._hold(wb, exc)
+        except BaseException as exc:
+            self._write_failed = exc
+            self._wakeup.set()
+            raise
+        finally:
+            self._write_slots.release()
+        self._finish(seq, batch, wb, n_known)
+
+    def _finish(self, seq: int, batch: _Batch, wb: WriteBatch, n_known: int) -> None:
+        """Record a committed batch; ack every committed batch whose predecessors are acked."""
+        self._committed[seq] = (batch, wb, n_known)
+        while self._acked_seq in self._committed:
+            self._after_commit(*self._committed.pop(self._acked_seq))
+            self._acked_seq += 1
 
     async def _hold(self, wb: WriteBatch, exc: SinkError) -> None:
         """A permanent error that is not about the data (permissions, read-only standby, schema):

@@ -31,6 +31,7 @@ class MemorySink:
         self.fail_next: list[SinkError] = []
         self.refuse_device: str | None = None
         self.writes = 0
+        self.delays: list[float] = []
 
     async def start(self) -> None: ...
 
@@ -41,7 +42,7 @@ class MemorySink:
 
     async def write(self, batch: WriteBatch):  # noqa: ANN201
         self.writes += 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.delays.pop(0) if self.delays else 0)
         if self.fail_next:
             raise self.fail_next.pop(0)
         if self.refuse_device and any(d.device_id == self.refuse_device for d in batch.items):
@@ -207,3 +208,22 @@ async def test_a_payload_the_decoder_chokes_on_is_quarantined_not_raised():
     await task
     assert sink.rejected == ["payload: a string is not valid UTF-8", "payload: nested too deeply"]
     assert [v for k, v in events if k == "ack"] == [0, 1, 2]
+
+
+async def test_concurrent_writes_committing_out_of_order_still_ack_in_arrival_order():
+    events: list = []
+    sink = MemorySink(events)
+    sink.delays = [0.05, 0.0, 0.03, 0.0, 0.02, 0.0]  # every other batch commits before the one sent ahead of it
+    pipe = make(sink, max_rows=6)
+    task = asyncio.create_task(pipe.run())
+    for s in range(18):
+        pipe.submit(raw(s, events))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    commits = [v for k, v in events if k == "commit"]
+    assert commits != sorted(commits), "the sink must have committed out of order for this test to mean anything"
+    acks = [(i, v) for i, (kind, v) in enumerate(events) if kind == "ack"]
+    assert [v for _, v in acks] == list(range(18))
+    for i, seq in acks:
+        assert committed(events, seq) < i

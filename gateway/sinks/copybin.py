@@ -9,11 +9,13 @@ assembles the rows.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "float4_array", "encode_rows"]
+__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "float4_array", "encode_rows",
+           "encode_waveform_rows"]
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
@@ -114,5 +116,57 @@ def encode_rows(fields: Sequence[Field], *, header: bool = True) -> bytes:
         pos = pos + lengths
     parts = [HEADER] if header else []
     parts.append(body.tobytes())
+    parts.append(TRAILER)
+    return b"".join(parts)
+
+
+_WAVE_HEAD = struct.Struct(">hiq")  # field count, time length, time
+_WAVE_HZ = struct.Struct(">id")
+_WAVE_ARRAY = struct.Struct(">iiiiii")  # byte length, ndim, flags, element oid, dim, lower bound
+_WAVE_TAIL = struct.Struct(">iiiq")  # flags length, flags, ingest length, ingest id
+
+
+def encode_waveform_rows(
+    t_ms: np.ndarray,
+    device: Sequence[str],
+    metric: Sequence[str],
+    hz: np.ndarray,
+    samples: np.ndarray,
+    offsets: np.ndarray,
+    flags: np.ndarray,
+    ingest_id: np.ndarray,
+) -> bytes:
+    """Rows of ``waveform_blocks`` (time, device_id, metric, hz, samples real[], flags, ingest_id).
+
+    One Python step per block (blocks carry tens to hundreds of samples each); the samples
+    themselves are converted once, in one numpy operation, so memory stays proportional to
+    the stream instead of to index arrays over every byte.
+    """
+    elems = np.empty(len(samples), dtype=[("len", ">i4"), ("v", ">f4")])
+    elems["len"] = 4
+    elems["v"] = samples
+    eb = elems.tobytes()
+    us = ((np.asarray(t_ms, dtype=np.int64) - PG_EPOCH_MS) * 1000).tolist()
+    offs = np.asarray(offsets, dtype=np.int64).tolist()
+    texts: dict[str, bytes] = {}
+
+    def text_field(value: str) -> bytes:
+        b = texts.get(value)
+        if b is None:
+            raw = value.encode()
+            b = texts[value] = len(raw).to_bytes(4, "big") + raw
+        return b
+
+    parts = [HEADER]
+    for i, (t, d, m, h, f, g) in enumerate(zip(us, device, metric, hz.tolist(), flags.tolist(), ingest_id.tolist())):
+        start, end = offs[i], offs[i + 1]
+        n = end - start
+        parts.append(_WAVE_HEAD.pack(7, 8, t))
+        parts.append(text_field(d))
+        parts.append(text_field(m))
+        parts.append(_WAVE_HZ.pack(8, h))
+        parts.append(_WAVE_ARRAY.pack(20 + 8 * n, 1, 0, _FLOAT4_OID, n, 1))
+        parts.append(eb[start * 8:end * 8])
+        parts.append(_WAVE_TAIL.pack(4, f, 8, g))
     parts.append(TRAILER)
     return b"".join(parts)

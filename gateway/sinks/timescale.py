@@ -112,7 +112,7 @@ class TimescaleSink:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=1,
-                max_size=2,
+                max_size=4,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
                 server_settings={"application_name": f"vitalgate:{self._gateway_id}"},
@@ -251,22 +251,17 @@ class TimescaleSink:
         sel = np.flatnonzero(keep)
         if len(sel) == 0:
             return
-        counts = np.diff(wav.offsets)[sel]
-        offsets = np.zeros(len(sel) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        starts = wav.offsets[:-1][sel]
-        samples = wav.samples[copybin._ranges(starts, counts)]  # noqa: SLF001
-        dcodes, duniq = _factorize(wav.device[sel])
-        mcodes, muniq = _factorize(wav.metric[sel])
-        data = copybin.encode_rows([
-            copybin.timestamptz_ms(wav.t0[sel]),
-            copybin.text(dcodes, duniq),
-            copybin.text(mcodes, muniq),
-            copybin.fixed(wav.hz[sel], ">f8"),
-            copybin.float4_array(samples, offsets),
-            copybin.fixed(batch.wav_flags[sel], ">i4"),
-            copybin.fixed(ingest[sel], ">i8"),
-        ])
+        if len(sel) == len(wav):
+            samples, offsets = wav.samples, wav.offsets
+        else:
+            counts = np.diff(wav.offsets)[sel]
+            offsets = np.zeros(len(sel) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            samples = wav.samples[copybin._ranges(wav.offsets[:-1][sel], counts)]  # noqa: SLF001
+        data = copybin.encode_waveform_rows(
+            wav.t0[sel], wav.device[sel], wav.metric[sel], wav.hz[sel], samples, offsets,
+            batch.wav_flags[sel], ingest[sel],
+        )
         await conn.copy_to_table("waveform_blocks", source=_once(data), columns=_WAVEFORM_COLUMNS, format="binary")
 
     async def _write_rejected(self, conn: asyncpg.Connection, batch: WriteBatch) -> None:
