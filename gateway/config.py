@@ -56,7 +56,7 @@ class MqttConfig(_Section):
     topic: str = "devices/+/telemetry"
     protocol: Literal["5", "3.1.1"] = "5"
     session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
-    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 5000
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 20000
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
     alerts_topic: str = "alerts/{device_id}"
     tls_ca: str | None = None
@@ -65,7 +65,7 @@ class MqttConfig(_Section):
 
 
 class BatchConfig(_Section):
-    max_rows: PosInt = 10_000
+    max_rows: PosInt = 20_000
     max_bytes: PosInt = 8 * 1024 * 1024
     max_age_s: PosFloat = 0.2
 

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "float4_array", "encode_rows",
-           "encode_waveform_rows"]
+__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "encode_rows", "encode_waveform_rows"]
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
@@ -51,33 +50,6 @@ def text(codes: np.ndarray, uniques: Sequence[str]) -> Field:
     np.cumsum(u_len[:-1], out=u_start[1:])
     lengths = u_len[codes]
     flat = pool_arr[_ranges(u_start[codes], lengths)]
-    return lengths, flat, 0
-
-
-def float4_array(samples: np.ndarray, offsets: np.ndarray) -> Field:
-    """A one-dimensional ``real[]`` per row; row ``i`` holds ``samples[offsets[i]:offsets[i+1]]``."""
-    counts = np.diff(offsets).astype(np.int64)
-    n = len(counts)
-    head = np.empty(n, dtype=[("len", ">i4"), ("ndim", ">i4"), ("flags", ">i4"), ("oid", ">i4"),
-                              ("dim", ">i4"), ("lbound", ">i4")])
-    head["len"] = 20 + counts * 8
-    head["ndim"] = 1
-    head["flags"] = 0
-    head["oid"] = _FLOAT4_OID
-    head["dim"] = counts
-    head["lbound"] = 1
-    elems = np.empty(len(samples), dtype=[("len", ">i4"), ("v", ">f4")])
-    elems["len"] = 4
-    elems["v"] = samples
-    head_b = head.view(np.uint8).reshape(n, 24)
-    elem_b = elems.view(np.uint8)
-    lengths = 24 + counts * 8
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    flat = np.empty(int(lengths.sum()), dtype=np.uint8)
-    flat[(starts[:, None] + np.arange(24)).ravel()] = head_b.ravel()
-    elem_start = starts + 24
-    flat[_ranges(elem_start, counts * 8)] = elem_b
     return lengths, flat, 0
 
 

@@ -9,10 +9,11 @@ them.
 
 from __future__ import annotations
 
+import threading
 import time
-from pathlib import Path
 
 import orjson
+import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.model import FLAG_NAMES
@@ -20,6 +21,7 @@ from gateway.profiles import load_profiles
 from gateway.replay import Replay
 from tests.gwproc import PROFILES, Publisher
 from tests.integration.test_ingest import count, fetch, wait_ingests
+from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +68,19 @@ def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
     summary = records[-1]
     assert summary["rejected"] == 0
 
+    published_alerts: list[dict] = []
+    lock = threading.Lock()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+
+    def on_message(_c, _u, msg) -> None:  # noqa: ANN001
+        with lock:
+            published_alerts.append({"topic": msg.topic, **orjson.loads(msg.payload)})
+
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe("alerts/#", qos=1)
+    sub.loop_start()
+
     gw = gateway_factory(db_dsn)
     gw.start()
     pub = Publisher(broker.port)
@@ -91,4 +106,14 @@ def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
     assert live_episodes == episodes_from_replay(records)
     if name == "desaturation":
         assert any(e[1] == "spo2_low" for e in live_episodes)
+
+    # every alert event was also published on alerts/{device_id}, as replay prints it
+    expected = [{k: v for k, v in r.items()} for r in records if r["type"] == "alert" and not r["rule"].endswith("silent")]
+    wait_for(lambda: len([a for a in published_alerts if not a["rule"].endswith("silent")]) >= len(expected), timeout=30,
+             message=lambda: f"{len(published_alerts)} alerts published, {len(expected)} expected")
+    sub.loop_stop()
+    sub.disconnect()
+    got = [a for a in published_alerts if not a["rule"].endswith("silent")]
+    assert [a["topic"] for a in got] == [f"alerts/{e['device_id']}" for e in expected]
+    assert [{k: v for k, v in a.items() if k != "topic"} for a in got] == expected
     assert gw.terminate() == 0

@@ -26,16 +26,6 @@ def reference(rows: list[tuple[int, str, str, float, int, int]]) -> bytes:
     return b"".join(out)
 
 
-def reference_arrays(blocks: list[list[float]]) -> bytes:
-    out = [copybin.HEADER]
-    for samples in blocks:
-        out.append(struct.pack(">h", 1))
-        body = struct.pack(">iiiii", 1, 0, 700, len(samples), 1) + b"".join(struct.pack(">if", 4, s) for s in samples)
-        out.append(struct.pack(">i", len(body)) + body)
-    out.append(copybin.TRAILER)
-    return b"".join(out)
-
-
 names = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF), min_size=0, max_size=12)
 
 
@@ -60,16 +50,6 @@ def test_rows_match_reference(rows):
         copybin.fixed(np.array(cols[5], dtype=np.int64), ">i8"),
     ])
     assert got == reference(rows)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.floats(width=32, allow_nan=False), min_size=0, max_size=20), min_size=1, max_size=15))
-def test_real_arrays_match_reference(blocks):
-    lens = np.array([len(b) for b in blocks], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    samples = np.array([s for b in blocks for s in b], dtype=np.float64)
-    got = copybin.encode_rows([copybin.float4_array(samples, offsets)])
-    assert got == reference_arrays(blocks)
 
 
 @settings(max_examples=100, deadline=None)
