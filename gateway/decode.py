@@ -177,6 +177,17 @@ def _peek_device_id(payload: bytes, encoding: str) -> str | None:
     return None
 
 
+_NUMERIC_NAMES: dict[int, tuple[Profile, frozenset[str]]] = {}
+
+
+def _numeric_names(profile: Profile) -> frozenset[str]:
+    """The profile's numeric metric names, cached per loaded profile object (kept alive by the cache)."""
+    hit = _NUMERIC_NAMES.get(id(profile))
+    if hit is None or hit[0] is not profile:
+        hit = _NUMERIC_NAMES[id(profile)] = (profile, frozenset(k for k, m in profile.metrics.items() if m.kind == "numeric"))
+    return hit[1]
+
+
 def _ms(t: int | datetime) -> int:
     if type(t) is int:
         return t
@@ -234,6 +245,7 @@ def decode(
         raise RejectError("numerics: at least one reading is required (numerics and waveforms are both empty)", dev)
 
     metrics = profile.metrics
+    numeric_names = _numeric_names(profile)
     num_t: list[int] = []
     num_metric: list[str] = []
     num_value: list[float] = []
@@ -241,12 +253,11 @@ def decode(
         values = n.values
         if not values:
             raise RejectError(f"numerics[{i}].values: must name at least one metric", dev)
-        for name in values:
-            spec = metrics.get(name)
-            if spec is None:
+        if not values.keys() <= numeric_names:  # set check in C; the loop below only builds the reason
+            name = next(k for k in values if k not in numeric_names)
+            if name not in metrics:
                 raise RejectError(f"numerics[{i}].values.{_name(name)}: unknown metric for profile {pname!r}", dev)
-            if spec.kind != "numeric":
-                raise RejectError(f"numerics[{i}].values.{name}: {name!r} is a waveform metric, send it in waveforms", dev)
+            raise RejectError(f"numerics[{i}].values.{_name(name)}: {name!r} is a waveform metric, send it in waveforms", dev)
         vals = values.values()
         if not math.isfinite(sum(vals)):
             for name, v in values.items():
