@@ -142,7 +142,7 @@ def test_redelivered_and_repeated_payloads_are_stored_once(db_dsn, broker, gatew
 
 
 def test_sigkill_three_times_under_load_loses_and_duplicates_nothing(db_dsn, broker, gateway_factory):
-    envelopes = pulse_ox_envelopes(100, 90)
+    envelopes = pulse_ox_envelopes(100, 150)  # ~12 s of load at 1,200/s: room for three kills and restarts
     payloads = [(topic(e), encode(e, i)) for i, e in enumerate(envelopes)]
     gw = gateway_factory(db_dsn, env={"VITALGATE_BATCH_MAX_ROWS": "400"})
     gw.start()
