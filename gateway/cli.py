@@ -74,9 +74,17 @@ def _cmd_db_migrate(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
 
     async def main() -> int:
-        conn = await asyncpg.connect(cfg.database.url, timeout=cfg.database.connect_timeout_s)
+        where = _mask_password(cfg.database.url)
+        try:
+            conn = await asyncpg.connect(cfg.database.url, timeout=cfg.database.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            print(f"vitalgate: cannot connect to {where}: {exc or type(exc).__name__}", file=sys.stderr)
+            return 2
         try:
             applied = await migrate(conn)
+        except asyncpg.PostgresError as exc:
+            print(f"vitalgate: migration failed on {where}: {exc} (SQLSTATE {exc.sqlstate})", file=sys.stderr)
+            return 2
         finally:
             await conn.close()
         if applied:
@@ -88,13 +96,17 @@ def _cmd_db_migrate(args: argparse.Namespace) -> int:
     return _run_async(main)
 
 
+def _mask_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     data = msgspec.to_builtins(cfg)
     for section in ("database", "mqtt"):
         if data[section].get("password"):
             data[section]["password"] = "***"
-        data[section]["url"] = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", data[section]["url"])
+        data[section]["url"] = _mask_password(data[section]["url"])
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(data), indent=2).decode() + "\n")
     return 0
 
