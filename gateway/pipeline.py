@@ -27,7 +27,7 @@ from gateway.model import FLAG_NAMES, AlertEvent, RawMessage
 from gateway.profiles import Profile
 from gateway.retry import Backoff
 from gateway.rules import AlertEngine
-from gateway.sinks import Rejected, Sink, WriteBatch
+from gateway.sinks import History, Rejected, Sink, WriteBatch
 from gateway.sinks.subset import subset
 
 __all__ = ["PipelineSettings", "Pipeline"]
@@ -97,6 +97,7 @@ class Pipeline:
         self._in_flight = 0
         self._pending_rows = 0
         self._last_seq: dict[str, int] = {}
+        self._restored: set[str] = set()  # devices whose stored state was looked up since start
         self._next_tick = 0.0
         self._alert_publishers: list[AlertPublisher] = []
         self._received: dict[str, object] = {}
@@ -285,6 +286,7 @@ class Pipeline:
             items = [items[i] for i in keep]
             raws = [raws[i] for i in keep]
         self._count_seq_gaps(items)
+        await self._restore_state(items)
         num, wav = to_columns(items, [r.received_at_ms for r in raws])
         nflags, wflags = run_checks(num, wav, self.profiles, self._state, self.settings.checks)
         events = self._engine.evaluate(num, nflags, wav) if len(num) or len(wav) else []
@@ -383,6 +385,46 @@ class Pipeline:
             rest.alerts = []
             await self._retry("write", lambda: self.sink.write(rest))
         wb.rejected = rest.rejected
+
+    async def _restore_state(self, items: list[Decoded]) -> None:
+        """The first time a device is seen since start, restore its check and alert state
+        from storage, so that a restart does not forget what was stored before it."""
+        profiles_of: dict[str, dict[str, Profile]] = {}  # device -> its profiles in the batch, first first
+        for d in items:
+            dev = d.envelope.device_id
+            if dev not in self._restored:
+                profiles_of.setdefault(dev, {}).setdefault(d.profile.name, d.profile)
+        if not profiles_of:
+            return
+        devices = sorted(profiles_of)
+        profile_of = {dev: next(iter(profiles_of[dev])) for dev in devices}
+        pairs: dict[tuple[str, str], str] = {}  # (device, metric) of the device's profiles -> kind
+        for dev in devices:
+            for prof in profiles_of[dev].values():
+                for metric, spec in prof.metrics.items():
+                    pairs.setdefault((dev, metric), spec.kind)
+        numeric = [k for k, kind in pairs.items() if kind == "numeric"]
+        waveform = [k for k, kind in pairs.items() if kind == "waveform"]
+        try:
+            hist: History = await self._retry(  # type: ignore[assignment]
+                "history", lambda: self.sink.history(devices, numeric, waveform))
+        except SinkError as exc:
+            log.error("Stored state lookup refused; these devices start without history.",
+                      extra={"error": str(exc), "devices": len(devices)})
+            hist = History()
+        self._restored.update(devices)
+        self._state.seed(hist.numeric, hist.numeric_ref, hist.waveform)
+        opened = [
+            AlertEvent("open", e.device_id, e.rule, e.priority, e.metric, e.opened_at, e.trigger_value, None,
+                       profile_of.get(e.device_id))
+            for e in hist.open_alerts
+        ]
+        for e in self._engine.restore(opened, hist.latest):
+            # the rule is not in the profile the device reports now (renamed, profile changed)
+            log.warning("Active alert episode not restored: unknown rule for the device's profile.",
+                        extra={"device_id": e.device_id, "rule": e.rule, "profile": e.profile, "at": e.at})
+        if opened:
+            log.info("Active alert episodes restored from storage.", extra={"episodes": len(opened)})
 
     def _count_seq_gaps(self, items: list[Decoded]) -> None:
         last = self._last_seq

@@ -12,7 +12,7 @@ from gateway.errors import SinkError
 from gateway.model import RawMessage
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
-from gateway.sinks import WriteBatch
+from gateway.sinks import History, OpenEpisode, WriteBatch
 from tests.gwproc import PROFILES
 from tests.util import await_for
 
@@ -39,6 +39,9 @@ class MemorySink:
 
     async def known(self, keys):  # noqa: ANN001, ANN201
         return {k for k in keys if k in self.stored}
+
+    async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
+        return History()
 
     async def write(self, batch: WriteBatch):  # noqa: ANN201
         self.writes += 1
@@ -227,3 +230,52 @@ async def test_concurrent_writes_committing_out_of_order_still_ack_in_arrival_or
     assert [v for _, v in acks] == list(range(18))
     for i, seq in acks:
         assert committed(events, seq) < i
+
+
+class HistorySink(MemorySink):
+    """A MemorySink that knows a stored past: spo2 91.5 at ``T + 98 s`` and an open spo2_low."""
+
+    def __init__(self, events: list[tuple[str, object]]) -> None:
+        super().__init__(events)
+        self.lookups: list[list[str]] = []
+        self.alerts: list = []
+        self.flags: list[int] = []
+
+    async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
+        self.lookups.append(list(devices))
+        assert ("po-1", "spo2") in numeric or "po-1" not in devices
+        assert {m for d, m in waveform} <= {"pleth"}
+        h = History()
+        if "po-1" in devices:
+            h.numeric = [("po-1", "spo2", T + 98_000, 91.5)]
+            h.numeric_ref = [("po-1", "spo2", T + 98_000, 91.5)]
+            h.latest = {"po-1": T + 98_000}
+            h.open_alerts = [OpenEpisode("po-1", "spo2_low", "spo2", "high", T + 90_000, 88.0)]
+        if "po-2" in devices:
+            h.numeric = [("po-2", "spo2", T + 200_000, 97.0)]
+        return h
+
+    async def write(self, batch: WriteBatch):  # noqa: ANN201
+        ids = await super().write(batch)
+        self.alerts += batch.alerts
+        self.flags += batch.num_flags.tolist()
+        return ids
+
+
+async def test_state_of_a_device_is_restored_from_the_sink_the_first_time_it_is_seen():
+    events: list = []
+    sink = HistorySink(events)
+    pipe = make(sink, max_rows=2)
+    task = asyncio.create_task(pipe.run())
+    # seq 101: spo2 97 clears the stored episode; seq 0: t = T, older than the stored reading
+    for s, dev in ((101, "po-1"), (0, "po-1"), (102, "po-2"), (103, "po-1"), (104, "po-2")):
+        pipe.submit(raw(s, events, device=dev))
+        await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert sink.lookups == [["po-1"], ["po-2"]], "one lookup per device, the first time it is seen"
+    # seq 0 (spo2, pulse_rate) is older than the stored spo2 and than seq 101: OUT_OF_ORDER both
+    assert sink.flags[:4] == [0, 0, 64, 64]
+    # seq 102 of po-2: spo2 older than po-2's stored one (OUT_OF_ORDER), pulse_rate without history
+    assert sink.flags[4:6] == [64, 0]
+    assert [(a.event, a.device_id, a.rule, a.at) for a in sink.alerts] == [("close", "po-1", "spo2_low", T + 101_000)]

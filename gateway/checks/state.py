@@ -8,6 +8,7 @@ Per-slot values live in ``Columns``, plain numpy arrays that grow by doubling.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,54 @@ class CheckState:
         self.waveform = WaveformState()
         self._params_key: tuple[Any, ...] | None = None
         self._params: Any = None
+
+    def _slots(self, keys: KeyIndex, cols: Columns, rows: Sequence[tuple[str, str, int, float]]) -> tuple[np.ndarray, ...]:
+        """Slots (created if new, as ``run_checks`` does) and the times and values of ``rows``."""
+        dev = self.devices.ids(np.array([r[0] for r in rows], dtype=object))
+        met = self.metrics.ids(np.array([r[1] for r in rows], dtype=object))
+        slots = keys.slots(pair_codes(dev, met))
+        cols.grow(keys.size)
+        t = np.array([r[2] for r in rows], dtype=_I64)
+        v = np.array([r[3] for r in rows], dtype=np.float64)
+        return slots, t, v
+
+    def seed(
+        self,
+        numeric: Sequence[tuple[str, str, int, float]] = (),
+        numeric_ref: Sequence[tuple[str, str, int, float]] = (),
+        waveform: Sequence[tuple[str, str, int, float]] = (),
+    ) -> None:
+        """Restore state kept elsewhere (the stored readings, after a restart); keys that
+        already have state are left as they are.
+
+        Args:
+            numeric: ``(device, metric, t, value)`` of the latest reading of each key, whatever
+                its flags: becomes ``prev``. The current run of equal values is taken to start
+                at that reading (an approximation: FLATLINE then needs ``flatline_s`` more).
+            numeric_ref: ``(device, metric, t, value)`` of the latest reading of each key
+                without OUT_OF_RANGE, SPIKE or NOT_FINITE (nor OUT_OF_ORDER): becomes ``ref``.
+            waveform: ``(device, metric, t0, duration_ms)`` of the latest block of each key.
+        """
+        st = self.numeric
+        if numeric or numeric_ref:
+            # decide which keys are new before touching any of them
+            s_prev, t_prev, v_prev = self._slots(self.numeric_keys, st, numeric)
+            s_ref, t_ref, v_ref = self._slots(self.numeric_keys, st, numeric_ref)
+            new_prev = ~st.has_prev[s_prev]
+            new_ref = ~st.has_prev[s_ref] & ~st.has_ref[s_ref]
+            s, t, v = s_prev[new_prev], t_prev[new_prev], v_prev[new_prev]
+            st.has_prev[s] = True
+            st.prev_t[s], st.prev_v[s], st.run_t[s] = t, v, t
+            s = s_ref[new_ref]
+            st.has_ref[s] = True
+            st.ref_t[s], st.ref_v[s] = t_ref[new_ref], v_ref[new_ref]
+        if waveform:
+            w = self.waveform
+            s, t, dur = self._slots(self.waveform_keys, w, waveform)
+            new = ~w.has_prev[s]
+            s = s[new]
+            w.has_prev[s] = True
+            w.prev_t[s], w.prev_dur[s] = t[new], dur[new]
 
     def cached_params(self, key: tuple[Any, ...]) -> Any:
         """The parameter tables built for ``key`` (see ``gateway.checks``), or None."""

@@ -13,7 +13,7 @@ in name order and rules in file order; that number also orders simultaneous even
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +180,52 @@ class AlertEngine:
                 r = self._rules[int(self._silent_gid[col])]
                 event = AlertEvent("close", self._devices.names[d], r.rule.name, r.rule.priority, None, t, None, env, r.profile)
                 keyed.append(((env, kind, i, -len(self._rules) + col), event))
+
+    def restore(self, open_events: Iterable[AlertEvent], latest: Mapping[str, int]) -> list[AlertEvent]:
+        """Restore state kept elsewhere (the stored alerts and readings, after a restart).
+
+        Only devices the engine has no state for yet (never evaluated, nothing restored) are
+        touched; the others keep theirs.
+
+        Args:
+            open_events: the ``open`` events of episodes still active; ``profile`` must name
+                the profile whose rule ``rule`` is. They count as open: the next reading that
+                clears a threshold rule (any next reading, for ``silent``) closes them.
+            latest: per device, the latest reading time (epoch ms), for ``silent``.
+
+        Returns:
+            The events not restored: unknown (profile, rule), or a device with state already.
+        """
+        events = list(open_events)
+        names = list(latest) + [e.device_id for e in events]
+        if not names:
+            return []
+        ids = self._device_ids(np.array(names, dtype=object))
+        dev_of = dict(zip(names, ids.tolist()))
+        lat = self._silent.latest
+        fresh = {d for d in set(dev_of.values()) if lat[d] == np.iinfo(np.int64).min and not self._threshold.busy[d]
+                 and not self._silent.open[d].any()}
+        skipped: list[AlertEvent] = []
+        for e in events:
+            d = dev_of[e.device_id]
+            gid = self._rule_gid.get((e.profile, e.rule))  # type: ignore[arg-type]
+            if gid is None or d not in fresh or (d, gid) in self._active:
+                skipped.append(e)
+                continue
+            if self._rules[gid].rule.when == "silent":
+                col = int(np.searchsorted(self._silent_gid, gid))
+                self._silent.armed[d, col] = True
+                self._silent.open[d, col] = True
+                self._silent.n_open += 1
+            else:
+                self._threshold.open[d * self._threshold.n_rules + gid] = True
+                self._threshold.busy[d] = True
+            self._active[(d, gid)] = e
+        for name, t in latest.items():
+            d = dev_of[name]
+            if d in fresh:
+                lat[d] = max(int(lat[d]), int(t))
+        return skipped
 
     def _arm(self, dev: np.ndarray, pid: np.ndarray) -> None:
         """Arm the silent rules of each (device, profile) seen."""

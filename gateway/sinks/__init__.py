@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from gateway.decode import Decoded
 from gateway.model import AlertEvent, NumericColumns, RawMessage, WaveformColumns
 
-__all__ = ["Rejected", "WriteBatch", "Sink"]
+__all__ = ["Rejected", "WriteBatch", "OpenEpisode", "History", "Sink"]
 
 
 @dataclass(slots=True)
@@ -41,6 +42,36 @@ class WriteBatch:
     alert_ingest_ids: list[int | None] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class OpenEpisode:
+    """An alert episode stored as still active (``cleared_at IS NULL``)."""
+
+    device_id: str
+    rule: str
+    metric: str | None
+    priority: str
+    opened_at: int  # epoch ms
+    trigger_value: float | None
+
+
+@dataclass(slots=True)
+class History:
+    """What storage knows about some devices, to restore the in-memory state after a restart.
+
+    Times are epoch ms. ``numeric``: per (device, metric) the latest reading whatever its
+    flags, ``(device, metric, t, value)``; ``numeric_ref``: the latest one without
+    OUT_OF_RANGE, SPIKE or NOT_FINITE; ``waveform``: per (device, metric) the latest block,
+    ``(device, metric, t0, duration_ms)``; ``latest``: per device the latest reading time of
+    any kind; ``open_alerts``: the episodes still active.
+    """
+
+    numeric: list[tuple[str, str, int, float]] = field(default_factory=list)
+    numeric_ref: list[tuple[str, str, int, float]] = field(default_factory=list)
+    waveform: list[tuple[str, str, int, float]] = field(default_factory=list)
+    latest: dict[str, int] = field(default_factory=dict)
+    open_alerts: list[OpenEpisode] = field(default_factory=list)
+
+
 class Sink(Protocol):
     """Durable storage. ``write`` is all-or-nothing: one transaction per batch."""
 
@@ -49,6 +80,12 @@ class Sink(Protocol):
 
     async def known(self, keys: list[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
         """The (device_id, payload_sha256) pairs among ``keys`` that are already stored."""
+
+    async def history(
+        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()
+    ) -> History:
+        """What is stored about ``devices`` (see ``History``): their open alert episodes, and
+        the latest rows of the (device, metric) pairs ``numeric`` and ``waveform``."""
 
     async def write(self, batch: WriteBatch) -> list[int | None]:
         """Commit the batch; return the ingest id per envelope (``None``: stored before)."""

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import numpy as np
 
 from gateway.errors import SinkError
 from gateway.retry import is_retriable
-from gateway.sinks import WriteBatch
+from gateway.sinks import History, OpenEpisode, WriteBatch
 from gateway.sinks import copybin
 from gateway.sinks.schema import migrate
 
@@ -65,6 +65,49 @@ UPDATE alerts a SET cleared_at = timestamptz 'epoch' + u.c * interval '1 millise
                     clear_ingest_id = u.ci
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::bigint[]) AS u(d, r, c, cv, ci)
 WHERE a.device_id = u.d AND a.rule = u.r AND a.cleared_at IS NULL
+"""
+
+# State restored after a restart (``history``): the latest rows per (device, metric). Each
+# pair is one ``ORDER BY time DESC LIMIT 1`` probe of the (device_id, metric, time DESC)
+# index, which TimescaleDB runs chunk by chunk from the newest, stopping at the first row:
+# a few buffer reads per pair. (DISTINCT ON (device_id, metric) over the same window reads
+# every row of the window instead: seconds per device at 1 reading/s, measured.) The time
+# bound caps the chunks probed for a pair with no row: a device silent for longer than the
+# window starts afresh. Among rows of equal time, one that is not OUT_OF_ORDER (64) and was
+# stored first is preferred, as the checks would have kept it.
+HISTORY_WINDOW = "7 days"
+_MS = "(extract(epoch FROM time) * 1000)::bigint"
+_LATEST_READINGS = f"""
+SELECT u.d, u.m, x.t, x.value
+FROM unnest($1::text[], $2::text[]) AS u(d, m)
+CROSS JOIN LATERAL (
+    SELECT {_MS} AS t, value FROM readings
+    WHERE device_id = u.d AND metric = u.m AND time > now() - interval '{HISTORY_WINDOW}'
+    ORDER BY time DESC, (flags & 64), ingest_id LIMIT 1) AS x
+"""
+# ``ref``: the latest reading without OUT_OF_RANGE | SPIKE | NOT_FINITE (1 | 2 | 128); an
+# OUT_OF_ORDER reading (64) never becomes ``ref`` either.
+_LATEST_REFS = f"""
+SELECT u.d, u.m, x.t, x.value
+FROM unnest($1::text[], $2::text[]) AS u(d, m)
+CROSS JOIN LATERAL (
+    SELECT {_MS} AS t, value FROM readings
+    WHERE device_id = u.d AND metric = u.m AND time > now() - interval '{HISTORY_WINDOW}' AND (flags & 195) = 0
+    ORDER BY time DESC, ingest_id LIMIT 1) AS x
+"""
+_LATEST_BLOCKS = f"""
+SELECT u.d, u.m, x.t, x.dur
+FROM unnest($1::text[], $2::text[]) AS u(d, m)
+CROSS JOIN LATERAL (
+    SELECT {_MS} AS t, cardinality(samples) * 1000.0 / hz AS dur FROM waveform_blocks
+    WHERE device_id = u.d AND metric = u.m AND time > now() - interval '{HISTORY_WINDOW}'
+    ORDER BY time DESC, (flags & 64), ingest_id LIMIT 1) AS x
+"""
+_OPEN_ALERTS = """
+SELECT device_id, rule, metric, priority, (extract(epoch FROM opened_at) * 1000)::bigint AS opened_at, trigger_value
+FROM alerts
+WHERE device_id = ANY($1::text[]) AND cleared_at IS NULL
+ORDER BY opened_at, id
 """
 
 _READING_COLUMNS = ["time", "device_id", "metric", "value", "flags", "ingest_id"]
@@ -157,6 +200,40 @@ class TimescaleSink:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             raise SinkError(f"duplicate lookup failed: {exc}", retriable=is_retriable(exc)) from exc
         return {(r[0], bytes(r[1])) for r in rows}
+
+    async def history(
+        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()
+    ) -> History:
+        """The open alert episodes of ``devices`` and the latest stored rows of the given
+        (device, metric) pairs, numeric and waveform (one query per kind, whole batch)."""
+        out = History()
+        if not devices:
+            return out
+        pool = self._require_pool()
+        try:
+            async with pool.acquire() as conn:
+                num = ref = wav = []
+                if numeric:
+                    nd, nm = [k[0] for k in numeric], [k[1] for k in numeric]
+                    num = await conn.fetch(_LATEST_READINGS, nd, nm)
+                    ref = await conn.fetch(_LATEST_REFS, nd, nm)
+                if waveform:
+                    wav = await conn.fetch(_LATEST_BLOCKS, [k[0] for k in waveform], [k[1] for k in waveform])
+                alerts = await conn.fetch(_OPEN_ALERTS, devices)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            raise SinkError(f"history lookup failed: {exc}", retriable=is_retriable(exc)) from exc
+        out.numeric = [(r[0], r[1], int(r[2]), float(r[3])) for r in num]
+        out.numeric_ref = [(r[0], r[1], int(r[2]), float(r[3])) for r in ref]
+        out.waveform = [(r[0], r[1], int(r[2]), float(r[3])) for r in wav]
+        # The latest reading of any kind is the latest of the per-metric latest ones.
+        latest = out.latest
+        for d, _, t, _ in out.numeric + out.waveform:
+            if t > latest.get(d, t - 1):
+                latest[d] = t
+        out.open_alerts = [
+            OpenEpisode(r[0], r[1], r[2], r[3], int(r[4]), None if r[5] is None else float(r[5])) for r in alerts
+        ]
+        return out
 
     async def write(self, batch: WriteBatch) -> list[int | None]:
         pool = self._require_pool()
