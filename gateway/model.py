@@ -9,9 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Callable, Literal
 
-import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 
@@ -94,7 +93,7 @@ class RawMessage:
     """A payload as it arrived, before decoding.
 
     ``ack`` is called once the payload's outcome (rows or quarantine entry) is committed;
-    ``nack`` when it could not be, so the transport can redeliver it later.
+    a payload never acked stays with the transport, which redelivers it later.
     """
 
     payload: bytes
@@ -105,8 +104,6 @@ class RawMessage:
     content_type: str | None = None
     topic_device_id: str | None = None
     ack: Callable[[], None] | None = None
-    nack: Callable[[], None] | None = None
-    context: Any = None
 
 
 @dataclass(slots=True)
@@ -184,8 +181,3 @@ class AlertEvent:
     value: float | None
     env: int | None = None
     profile: str | None = field(default=None, compare=False)
-
-
-def to_builtins(obj: Any) -> Any:
-    """Plain Python structure of a Struct, for JSON output."""
-    return msgspec.to_builtins(obj)

@@ -38,7 +38,7 @@ _LOG_ALERTS_MAX = 20  # alert events logged one by one per batch; beyond, one su
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineSettings:
-    max_rows: int = 10_000
+    max_rows: int = 20_000
     max_bytes: int = 8 * 1024 * 1024
     max_age_s: float = 0.2
     max_payload_bytes: int = DEFAULT_MAX_BYTES
@@ -101,8 +101,6 @@ class Pipeline:
         self._next_tick = 0.0
         self._alert_publishers: list[AlertPublisher] = []
         self._received: dict[str, object] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.committed_batches = 0
         self._write_slots = asyncio.Semaphore(settings.max_concurrent_writes)
         self._writes: set[asyncio.Task[None]] = set()
@@ -135,7 +133,6 @@ class Pipeline:
         if not batch.order:
             batch.created = time.monotonic()
         self._in_flight += 1
-        self._idle.clear()
         counter = self._received.get(raw.source)
         if counter is None:
             counter = self._received[raw.source] = self.metrics.received.labels(raw.source)
@@ -199,10 +196,6 @@ class Pipeline:
         """Stop taking payloads; ``run()`` returns once everything taken is written."""
         self._stopping = True
         self._seal()
-
-    async def wait_idle(self) -> None:
-        """Wait until every submitted payload has been acknowledged."""
-        await self._idle.wait()
 
     async def run(self) -> None:
         """Write batches until ``stop()`` was called and nothing is pending."""
@@ -450,8 +443,6 @@ class Pipeline:
             self._pending_keys.pop(k, None)
         self._in_flight -= len(batch.order)
         self._pending_rows -= batch.rows
-        if self._in_flight == 0:
-            self._idle.set()
         self.committed_batches += 1
         m.batches.inc()
         m.batch_rows.observe(len(wb.num) + len(wb.wav))
@@ -465,7 +456,7 @@ class Pipeline:
             m.envelopes.labels(src, "duplicate").inc(n_known)
         if wb.rejected:
             m.envelopes.labels(src, "rejected").inc(len(wb.rejected))
-        if len(wb.num_flags):
+        if len(wb.num_flags) or len(wb.wav_flags):
             self._count_flags(np.concatenate([wb.num_flags, wb.wav_flags]))
         now_ms = self._clock() * 1000
         if wb.raws:

@@ -70,8 +70,6 @@ class MqttSource:
         self._connected = False
         self._taking = True
         self._closing = asyncio.Event()
-        self._ready = asyncio.Event()
-        self.received = 0
         paho_speed.install()
 
     @staticmethod
@@ -80,11 +78,6 @@ class MqttSource:
             raise ValueError("mqtt.topic must contain exactly one '+' (the device id) and no '#'")
         prefix, suffix = topic.split("+")
         return prefix, suffix
-
-    @property
-    def ready(self) -> asyncio.Event:
-        """Set while subscribed."""
-        return self._ready
 
     def _make_client(self) -> aiomqtt.Client:
         cfg = self._cfg
@@ -134,7 +127,6 @@ class MqttSource:
         ack = None
         if msg.qos > 0:
             ack = self._acker(self._generation, msg.mid, msg.qos)
-        self.received += 1
         self._submit(
             RawMessage(
                 payload=msg.payload,
@@ -178,7 +170,6 @@ class MqttSource:
                     self._connected = True
                     self._metrics.mqtt_connected.set(1)
                     await client.subscribe(self._cfg.topic, qos=1)
-                    self._ready.set()
                     backoff.reset()
                     log.info(
                         "Subscribed.",
@@ -204,7 +195,6 @@ class MqttSource:
 
     def _mark_down(self) -> None:
         self._connected = False
-        self._ready.clear()
         self._metrics.mqtt_connected.set(0)
 
     async def _until_closed_or_lost(self, client: aiomqtt.Client) -> None:
