@@ -21,6 +21,8 @@ from gateway.errors import ConfigError
 __all__ = [
     "DatabaseConfig",
     "MqttConfig",
+    "HttpConfig",
+    "AuthConfig",
     "BatchConfig",
     "RetryConfig",
     "ChecksConfig",
@@ -64,6 +66,27 @@ class MqttConfig(_Section):
     tls_key: str | None = None
 
 
+class HttpConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8443
+    tls_cert: str | None = None  # PEM certificate chain of the server
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: turns on client certificates (mutual TLS)
+    allow_plaintext: bool = False  # serve HTTP without TLS (only behind a TLS-terminating proxy)
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    max_envelopes_per_request: PosInt = 1000
+    rate_limit_per_s: PosFloat = 20.0  # requests per device per second, sustained
+    rate_limit_burst: PosInt = 40
+    commit_timeout_s: PosFloat = 30.0  # longest a request waits for its commit before 503
+    retry_after_s: PosInt = 1  # Retry-After of 503 responses while the writer is backed up
+
+
+class AuthConfig(_Section):
+    require_registration: bool = True  # refuse envelopes of devices missing from the registry
+    refresh_s: PosFloat = 5.0  # how often the registry cache is refreshed (NOTIFY also refreshes it)
+
+
 class BatchConfig(_Section):
     max_rows: PosInt = 20_000
     max_bytes: PosInt = 8 * 1024 * 1024
@@ -93,18 +116,28 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     shutdown_timeout_s: PosFloat = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: Port = 9464
+    max_memory_mib: Annotated[int, Meta(ge=64)] = 512
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
     database: DatabaseConfig = DatabaseConfig()
     mqtt: MqttConfig = MqttConfig()
+    http: HttpConfig = HttpConfig()
+    auth: AuthConfig = AuthConfig()
     batch: BatchConfig = BatchConfig()
     retry: RetryConfig = RetryConfig()
     checks: ChecksConfig = ChecksConfig()
     profiles: ProfilesConfig = ProfilesConfig()
 
     def __post_init__(self) -> None:
-        if not self.mqtt.enabled:
-            raise ValueError("mqtt.enabled is false and there is no other source: nothing to ingest")
+        if not self.mqtt.enabled and not self.http.enabled:
+            raise ValueError("mqtt.enabled and http.enabled are both false: nothing to ingest")
         if (self.mqtt.tls_cert is None) != (self.mqtt.tls_key is None):
             raise ValueError("mqtt.tls_cert and mqtt.tls_key go together")
+        if (self.http.tls_cert is None) != (self.http.tls_key is None):
+            raise ValueError("http.tls_cert and http.tls_key go together")
+        if self.http.enabled and self.http.tls_cert is None and not self.http.allow_plaintext:
+            raise ValueError("http.enabled needs http.tls_cert and http.tls_key (or http.allow_plaintext = true)")
+        if self.http.tls_client_ca is not None and self.http.tls_cert is None:
+            raise ValueError("http.tls_client_ca (mutual TLS) needs http.tls_cert and http.tls_key")
 
     @property
     def mqtt_client_id(self) -> str:

@@ -223,6 +223,8 @@ def decode(
     except RecursionError:
         raise RejectError("payload: nested too deeply", topic_device_id) from None
     except msgspec.DecodeError as exc:
+        if "Invalid UTF-8" in str(exc):  # msgspec >= 0.19 reports it as malformed input
+            raise RejectError("payload: a string is not valid UTF-8", topic_device_id) from None
         what = "MessagePack" if encoding == "msgpack" else "JSON"
         detail = str(exc).replace("JSON is malformed: ", "").replace("MessagePack data is malformed: ", "")
         raise RejectError(f"payload: invalid {what}: {detail}", topic_device_id) from None

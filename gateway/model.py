@@ -23,6 +23,7 @@ __all__ = [
     "Waveform",
     "Envelope",
     "RawMessage",
+    "Outcome",
     "NumericColumns",
     "WaveformColumns",
     "AlertEvent",
@@ -88,12 +89,29 @@ class Envelope(Struct, frozen=True, gc=False):
 Source = Literal["mqtt", "https", "replay"]
 
 
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    """What became of one payload, known once it is committed.
+
+    ``stored``: new rows under ``ingest_id``; ``duplicate``: stored before (``ingest_id`` of
+    the earlier copy when known); ``rejected``: quarantined with ``reason``.
+    """
+
+    status: Literal["stored", "duplicate", "rejected"]
+    ingest_id: int | None = None
+    reason: str | None = None
+
+
 @dataclass(slots=True)
 class RawMessage:
     """A payload as it arrived, before decoding.
 
     ``ack`` is called once the payload's outcome (rows or quarantine entry) is committed;
     a payload never acked stays with the transport, which redelivers it later.
+    ``on_outcome``, when set, is called right after ``ack`` with the ``Outcome`` (the
+    HTTPS source answers with it); sources that need only the ack leave it ``None``, which
+    keeps the commit path free of per-payload bookkeeping.
+    ``remote_addr`` is the peer's address where the transport knows it (audit trail).
     """
 
     payload: bytes
@@ -104,6 +122,8 @@ class RawMessage:
     content_type: str | None = None
     topic_device_id: str | None = None
     ack: Callable[[], None] | None = None
+    on_outcome: Callable[[Outcome], None] | None = None
+    remote_addr: str | None = None
 
 
 @dataclass(slots=True)

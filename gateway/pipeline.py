@@ -23,7 +23,7 @@ from gateway.checks import CheckSettings, CheckState, run_checks
 from gateway.decode import DEFAULT_MAX_BYTES, Decoded, decode, to_columns
 from gateway.errors import RejectError, SinkError
 from gateway.metrics import Metrics
-from gateway.model import FLAG_NAMES, AlertEvent, RawMessage
+from gateway.model import FLAG_NAMES, AlertEvent, Outcome, RawMessage
 from gateway.profiles import Profile
 from gateway.retry import Backoff
 from gateway.rules import AlertEngine
@@ -47,11 +47,13 @@ class PipelineSettings:
     retry_max_s: float = 10.0
     tick_s: float = 1.0
     max_concurrent_writes: int = 2
+    max_pending_bytes: int = 64 * 1024 * 1024  # payload bytes held unacknowledged before ``backed_up``
     checks: CheckSettings = field(default_factory=CheckSettings)
 
 
 class _Batch:
-    __slots__ = ("items", "raws", "order", "rejected", "rows", "nbytes", "created", "keys")
+    __slots__ = ("items", "raws", "order", "rejected", "rows", "nbytes", "held", "created", "keys", "dups",
+                 "outcomes", "ids_by_key", "keep_ids")
 
     def __init__(self) -> None:
         self.items: list[Decoded] = []
@@ -62,6 +64,12 @@ class _Batch:
         self.nbytes = 0
         self.created = 0.0
         self.keys: list[tuple[str, bytes]] = []
+        self.held = 0  # payload bytes of every message in ``order``
+        # payloads equal to one already pending: (raw, key, batch holding the original)
+        self.dups: list[tuple[RawMessage, tuple[str, bytes], _Batch]] = []
+        self.outcomes = False  # some payload wants its Outcome (RawMessage.on_outcome)
+        self.keep_ids = False  # a later duplicate needs this batch's ingest ids
+        self.ids_by_key: dict[tuple[str, bytes], int | None] = {}
 
     def __len__(self) -> int:
         return len(self.order)
@@ -91,11 +99,12 @@ class Pipeline:
         self._engine = AlertEngine(profiles)
         self._current = _Batch()
         self._sealed: deque[_Batch] = deque()
-        self._pending_keys: dict[tuple[str, bytes], int] = {}
+        self._pending_keys: dict[tuple[str, bytes], _Batch] = {}
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._in_flight = 0
         self._pending_rows = 0
+        self._pending_bytes = 0
         self._last_seq: dict[str, int] = {}
         self._restored: set[str] = set()  # devices whose stored state was looked up since start
         self._next_tick = 0.0
@@ -106,7 +115,7 @@ class Pipeline:
         self._writes: set[asyncio.Task[None]] = set()
         self._next_seq = 0
         self._acked_seq = 0
-        self._committed: dict[int, tuple[_Batch, WriteBatch, int]] = {}
+        self._committed: dict[int, tuple[_Batch, WriteBatch, dict[tuple[str, bytes], int], list[int | None]]] = {}
         self._write_failed: BaseException | None = None
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.metrics.backlog_rows.set_function(lambda: self._pending_rows)
@@ -125,8 +134,55 @@ class Pipeline:
         """Call ``publish(events)`` after each commit that opened or closed alerts."""
         self._alert_publishers.append(publish)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes taken and not yet acknowledged."""
+        return self._pending_bytes
+
+    @property
+    def backed_up(self) -> bool:
+        """More payload bytes are held than ``max_pending_bytes``: sources should pause intake."""
+        return self._pending_bytes >= self.settings.max_pending_bytes
+
+    def validate(self, raw: RawMessage) -> Decoded:
+        """Decode and validate one payload without taking it; raise ``RejectError`` naming the field."""
+        return decode(
+            raw.payload,
+            content_type=raw.content_type,
+            profiles=self.profiles,
+            default_profile=self.settings.default_profile,
+            topic_device_id=raw.topic_device_id,
+            max_bytes=self.settings.max_payload_bytes,
+        )
+
     def submit(self, raw: RawMessage) -> None:
         """Take one payload. Never raises for bad data: a reject is stored and acked like the rest."""
+        batch = self._take(raw)
+        try:
+            d = self.validate(raw)
+        except RejectError as exc:
+            self._reject(batch, raw, exc)
+        except Exception as exc:  # noqa: BLE001 - a payload must never break the transport's read loop
+            log.exception("Decoder failed unexpectedly; quarantining the payload.", extra={"origin": raw.topic_or_path})
+            self._reject(batch, raw, RejectError(f"payload: could not be decoded ({type(exc).__name__})", raw.topic_device_id))
+        else:
+            self._add(batch, raw, d)
+        self._after_take(batch)
+
+    def accept(self, raw: RawMessage, decoded: Decoded) -> None:
+        """Take a payload that ``validate()`` accepted (sources that answer before taking it)."""
+        batch = self._take(raw)
+        self._add(batch, raw, decoded)
+        self._after_take(batch)
+
+    def quarantine(self, raw: RawMessage, exc: RejectError) -> None:
+        """Take a payload refused by the source itself (identity, authorization): stored in
+        ``rejected`` and acknowledged after commit like any other reject."""
+        batch = self._take(raw)
+        self._reject(batch, raw, exc)
+        self._after_take(batch)
+
+    def _take(self, raw: RawMessage) -> _Batch:
         if self._stopping:
             raise RuntimeError("pipeline is stopping; no new payloads are taken")
         batch = self._current
@@ -138,34 +194,32 @@ class Pipeline:
             counter = self._received[raw.source] = self.metrics.received.labels(raw.source)
         counter.inc()
         batch.order.append(raw)
-        try:
-            d = decode(
-                raw.payload,
-                content_type=raw.content_type,
-                profiles=self.profiles,
-                default_profile=self.settings.default_profile,
-                topic_device_id=raw.topic_device_id,
-                max_bytes=self.settings.max_payload_bytes,
-            )
-        except RejectError as exc:
-            self._reject(batch, raw, exc)
-        except Exception as exc:  # noqa: BLE001 - a payload must never break the transport's read loop
-            log.exception("Decoder failed unexpectedly; quarantining the payload.", extra={"origin": raw.topic_or_path})
-            self._reject(batch, raw, RejectError(f"payload: could not be decoded ({type(exc).__name__})", raw.topic_device_id))
+        size = len(raw.payload)
+        batch.held += size
+        self._pending_bytes += size
+        if raw.on_outcome is not None:
+            batch.outcomes = True
+        return batch
+
+    def _add(self, batch: _Batch, raw: RawMessage, d: Decoded) -> None:
+        key = (d.envelope.device_id, d.sha256)
+        holder = self._pending_keys.get(key)
+        if holder is None:
+            self._pending_keys[key] = batch
+            batch.items.append(d)
+            batch.raws.append(raw)
+            batch.keys.append(key)
+            rows = len(d.num_t) + len(d.wav_t0)
+            batch.rows += rows
+            self._pending_rows += rows
+            batch.nbytes += d.payload_bytes
         else:
-            key = (d.envelope.device_id, d.sha256)
-            if key not in self._pending_keys:
-                self._pending_keys[key] = 1
-                batch.items.append(d)
-                batch.raws.append(raw)
-                batch.keys.append(key)
-                rows = len(d.num_t) + len(d.wav_t0)
-                batch.rows += rows
-                self._pending_rows += rows
-                batch.nbytes += d.payload_bytes
-            else:
-                # the same envelope is already waiting to be written: ack it with that write
-                self.metrics.envelopes.labels(raw.source, "duplicate").inc()
+            # the same envelope is already waiting to be written: ack it with that write
+            self.metrics.envelopes.labels(raw.source, "duplicate").inc()
+            holder.keep_ids = True
+            batch.dups.append((raw, key, holder))
+
+    def _after_take(self, batch: _Batch) -> None:
         if batch.rows >= self.settings.max_rows or batch.nbytes >= self.settings.max_bytes:
             self._seal()
         elif len(batch.order) == 1:
@@ -271,7 +325,7 @@ class Pipeline:
 
     async def _process(self, batch: _Batch, tick_events: list[AlertEvent]) -> None:
         items, raws = batch.items, batch.raws
-        known: set[tuple[str, bytes]] = set()
+        known: dict[tuple[str, bytes], int] = {}
         if items:
             known = await self._retry("duplicate lookup", lambda: self.sink.known(batch.keys))  # type: ignore[assignment]
         if known:
@@ -294,39 +348,41 @@ class Pipeline:
         seq = self._next_seq
         self._next_seq += 1
         before = set(self._writes) if events else set()
-        task = asyncio.create_task(self._write_then_finish(seq, batch, wb, len(known), before), name=f"write-{seq}")
+        task = asyncio.create_task(self._write_then_finish(seq, batch, wb, known, before), name=f"write-{seq}")
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
     async def _write_then_finish(
-        self, seq: int, batch: _Batch, wb: WriteBatch, n_known: int, before: set[asyncio.Task[None]]
+        self, seq: int, batch: _Batch, wb: WriteBatch, known: dict[tuple[str, bytes], int], before: set[asyncio.Task[None]]
     ) -> None:
         try:
             if before:
                 await asyncio.wait(before)
             try:
-                await self._retry("write", lambda: self.sink.write(wb))
+                ids = await self._retry("write", lambda: self.sink.write(wb))
             except SinkError as exc:
                 if exc.data_error and len(wb.items) + len(wb.rejected) > 0:
-                    await self._write_split(wb, exc)
+                    ids = await self._write_split(wb, exc)
                 else:
-                    await self._hold(wb, exc)
+                    ids = await self._hold(wb, exc)
         except BaseException as exc:
             self._write_failed = exc
             self._wakeup.set()
             raise
         finally:
             self._write_slots.release()
-        self._finish(seq, batch, wb, n_known)
+        self._finish(seq, batch, wb, known, ids)  # type: ignore[arg-type]
 
-    def _finish(self, seq: int, batch: _Batch, wb: WriteBatch, n_known: int) -> None:
+    def _finish(
+        self, seq: int, batch: _Batch, wb: WriteBatch, known: dict[tuple[str, bytes], int], ids: list[int | None]
+    ) -> None:
         """Record a committed batch; ack every committed batch whose predecessors are acked."""
-        self._committed[seq] = (batch, wb, n_known)
+        self._committed[seq] = (batch, wb, known, ids)
         while self._acked_seq in self._committed:
             self._after_commit(*self._committed.pop(self._acked_seq))
             self._acked_seq += 1
 
-    async def _hold(self, wb: WriteBatch, exc: SinkError) -> None:
+    async def _hold(self, wb: WriteBatch, exc: SinkError) -> list[int | None]:
         """A permanent error that is not about the data (permissions, read-only standby, schema):
         nothing in the batch is at fault, so keep it and retry until an operator fixes the cause."""
         backoff = Backoff(self.settings.retry_max_s, self.settings.retry_max_s * 3)
@@ -337,15 +393,13 @@ class Pipeline:
             )
             await asyncio.sleep(backoff.next_delay())
             try:
-                await self._retry("write", lambda: self.sink.write(wb))
-                return
+                return await self._retry("write", lambda: self.sink.write(wb))  # type: ignore[return-value]
             except SinkError as again:
                 if again.data_error:
-                    await self._write_split(wb, again)
-                    return
+                    return await self._write_split(wb, again)
                 exc = again
 
-    async def _write_split(self, wb: WriteBatch, exc: SinkError) -> None:
+    async def _write_split(self, wb: WriteBatch, exc: SinkError) -> list[int | None]:
         """A permanent error: isolate the envelope(s) the database refuses, quarantine them, store the rest."""
         log.error("Batch refused by the database; isolating the envelopes at fault.", extra={"error": str(exc)})
         refused: list[Rejected] = []
@@ -378,6 +432,7 @@ class Pipeline:
             rest.alerts = []
             await self._retry("write", lambda: self.sink.write(rest))
         wb.rejected = rest.rejected
+        return ids
 
     async def _restore_state(self, items: list[Decoded]) -> None:
         """The first time a device is seen since start, restore its check and alert state
@@ -434,15 +489,24 @@ class Pipeline:
         if gaps:
             self.metrics.seq_gaps.inc(gaps)
 
-    def _after_commit(self, batch: _Batch, wb: WriteBatch, n_known: int) -> None:
+    def _after_commit(
+        self, batch: _Batch, wb: WriteBatch, known: dict[tuple[str, bytes], int], ids: list[int | None]
+    ) -> None:
         for raw in batch.order:
             if raw.ack is not None:
                 raw.ack()
+        if batch.keep_ids:
+            batch.ids_by_key = {key: known.get(key) for key in batch.keys}
+            batch.ids_by_key.update((self._key(d), i) for d, i in zip(wb.items, ids) if i is not None)
+        if batch.outcomes:
+            self._report_outcomes(batch, wb, known, ids)
         m = self.metrics
+        n_known = len(known)
         for k in batch.keys:
             self._pending_keys.pop(k, None)
         self._in_flight -= len(batch.order)
         self._pending_rows -= batch.rows
+        self._pending_bytes -= batch.held
         self.committed_batches += 1
         m.batches.inc()
         m.batch_rows.observe(len(wb.num) + len(wb.wav))
@@ -484,6 +548,33 @@ class Pipeline:
                     publish(wb.alerts)
                 except Exception as exc:  # noqa: BLE001 - publishing is best effort after commit
                     log.warning("Alert publication failed.", extra={"error": repr(exc)})
+
+    @staticmethod
+    def _key(d: Decoded) -> tuple[str, bytes]:
+        return (d.envelope.device_id, d.sha256)
+
+    def _report_outcomes(
+        self, batch: _Batch, wb: WriteBatch, known: dict[tuple[str, bytes], int], ids: list[int | None]
+    ) -> None:
+        """Tell each payload that asked (``on_outcome``) what became of it."""
+        outcome: dict[int, Outcome] = {}
+        for raw, d in zip(batch.raws, batch.items):
+            key = self._key(d)
+            if key in known:
+                outcome[id(raw)] = Outcome("duplicate", known[key])
+        for raw, i in zip(wb.raws, ids):
+            # None: stored meanwhile by another writer (another gateway process)
+            outcome[id(raw)] = Outcome("stored", i) if i is not None else Outcome("duplicate")
+        for raw, key, holder in batch.dups:
+            outcome[id(raw)] = Outcome("duplicate", holder.ids_by_key.get(key))
+        for r in wb.rejected:
+            outcome[id(r.raw)] = Outcome("rejected", reason=r.reason)
+        for raw in batch.order:
+            if raw.on_outcome is not None:
+                try:
+                    raw.on_outcome(outcome.get(id(raw), Outcome("duplicate")))
+                except Exception as exc:  # noqa: BLE001 - a transport's callback must not break the writer
+                    log.warning("Outcome callback failed.", extra={"origin": raw.topic_or_path, "error": repr(exc)})
 
     def _count_flags(self, flags: np.ndarray) -> None:
         nz = flags[flags != 0]

@@ -38,7 +38,7 @@ class MemorySink:
     async def close(self) -> None: ...
 
     async def known(self, keys):  # noqa: ANN001, ANN201
-        return {k for k in keys if k in self.stored}
+        return {k: self.stored[k] for k in keys if k in self.stored}
 
     async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
         return History()
@@ -279,3 +279,34 @@ async def test_state_of_a_device_is_restored_from_the_sink_the_first_time_it_is_
     # seq 102 of po-2: spo2 older than po-2's stored one (OUT_OF_ORDER), pulse_rate without history
     assert sink.flags[4:6] == [64, 0]
     assert [(a.event, a.device_id, a.rule, a.at) for a in sink.alerts] == [("close", "po-1", "spo2_low", T + 101_000)]
+
+
+async def test_outcomes_name_the_ingest_id_or_the_reason_of_each_payload():
+    events: list = []
+    sink = MemorySink(events)
+    pipe = make(sink, max_rows=2)
+    task = asyncio.create_task(pipe.run())
+    got: dict[str, object] = {}
+
+    def tagged(name: str, r: RawMessage) -> RawMessage:
+        r.on_outcome = lambda o: got.__setitem__(name, o)
+        return r
+
+    first = raw(0, events)
+    pipe.submit(tagged("first", first))
+    pipe.submit(tagged("same-window", raw(0, events, payload=first.payload)))
+    pipe.submit(tagged("bad", raw(1, events, payload=b'{"v":1,"device_id":"po-1","numerics":[{"t":1,"values":{"spo2":"x"}}]}')))
+    pipe.submit(tagged("other", raw(2, events)))
+    assert pipe.pending_bytes > 0
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.submit(tagged("later", raw(0, events, payload=first.payload)))
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    stored_id = sink.stored[("po-1", __import__("hashlib").sha256(first.payload).digest())]
+    assert got["first"].status == "stored" and got["first"].ingest_id == stored_id
+    assert got["same-window"].status == "duplicate" and got["same-window"].ingest_id == stored_id
+    assert got["later"].status == "duplicate" and got["later"].ingest_id == stored_id
+    assert got["other"].status == "stored" and got["other"].ingest_id not in (None, stored_id)
+    assert got["bad"].status == "rejected" and got["bad"].reason.startswith("numerics[0].values.spo2:")
+    assert pipe.pending_bytes == 0

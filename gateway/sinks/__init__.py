@@ -78,8 +78,8 @@ class Sink(Protocol):
     async def start(self) -> None:
         """Connect (and migrate); raise ``SinkError`` when storage cannot be reached."""
 
-    async def known(self, keys: list[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
-        """The (device_id, payload_sha256) pairs among ``keys`` that are already stored."""
+    async def known(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
+        """The (device_id, payload_sha256) pairs among ``keys`` that are already stored, with their ingest ids."""
 
     async def history(
         self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()

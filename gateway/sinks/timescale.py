@@ -185,21 +185,21 @@ class TimescaleSink:
             raise SinkError("the sink is not started", retriable=False)
         return self._pool
 
-    async def known(self, keys: list[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
+    async def known(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
         if not keys:
-            return set()
+            return {}
         pool = self._require_pool()
         try:
             async with pool.acquire() as conn:
                 rows = await conn.fetch(
-                    "SELECT device_id, payload_sha256 FROM ingests"
+                    "SELECT device_id, payload_sha256, id FROM ingests"
                     " WHERE (device_id, payload_sha256) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))",
                     [k[0] for k in keys],
                     [k[1] for k in keys],
                 )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             raise SinkError(f"duplicate lookup failed: {exc}", retriable=is_retriable(exc)) from exc
-        return {(r[0], bytes(r[1])) for r in rows}
+        return {(r[0], bytes(r[1])): r[2] for r in rows}
 
     async def history(
         self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()
