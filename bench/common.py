@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "Link", "PahoLink", "RawLink", "open_link", "parse_mqtt_url", "NO_MATCHING_SUBSCRIBERS",
     "REPO", "free_port", "stat_cpu_s", "proc_cpu_s", "machine_info", "package_versions", "mosquitto_version", "git_revision",
-    "GatewayProcess", "forget_mqtt_session",
+    "GatewayProcess", "forget_mqtt_session", "config_has_key", "bench_defaults_env", "rss_mib",
 ]
 
 NO_MATCHING_SUBSCRIBERS = 16
@@ -504,6 +504,23 @@ def git_revision() -> str:
         return "-"
 
 
+def config_has_key(key: str) -> bool:
+    """Whether this checkout's gateway configuration knows ``key`` (an unknown VITALGATE_* variable stops it)."""
+    try:
+        text = (REPO / "gateway" / "config.py").read_text()
+    except OSError:
+        return False
+    return f"    {key}:" in text
+
+
+def bench_defaults_env() -> dict[str, str]:
+    """Settings every bench gateway runs with: simulated devices are not in the device registry."""
+    env = {}
+    if config_has_key("require_registration"):
+        env["VITALGATE_AUTH_REQUIRE_REGISTRATION"] = "false"
+    return env
+
+
 class GatewayProcess:
     """``python -m gateway run`` as a subprocess, configured by environment, log in a file.
 
@@ -525,6 +542,7 @@ class GatewayProcess:
             "VITALGATE_GATEWAY_ID": gateway_id,
             "VITALGATE_PROFILES_DIR": profiles_dir,
             "VITALGATE_METRICS_PORT": str(metrics_port),
+            **bench_defaults_env(),
             **(extra_env or {}),
         }
         self.python_args = list(python_args or [])  # e.g. ["-m", "cProfile", "-o", FILE]
@@ -621,3 +639,15 @@ def forget_mqtt_session(url: str, client_id: str) -> None:
         sock.sendall(b"\xe0\x00")
     finally:
         sock.close()
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident memory of a live process (``VmRSS``, or ``VmHWM`` for the peak), MiB; None if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(field.encode() + b":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -23,7 +23,8 @@ whole PostgreSQL cluster, mosquitto and the publishers, over the same window.
 
 Then the **raw binary COPY** of the identical rows (read back from ``readings``) into a
 fresh identical hypertable, one connection, 5,000 rows per COPY (median of 3), and the
-ratio gateway / raw COPY (target >= 0.5).
+ratio gateway / raw COPY (target >= 0.6). Last, the identical load to a bare subscriber that only
+counts (``bench.subscriber``): the broker's limit, and the ratio gateway / bare subscriber.
 
 Run ``python -m bench.e2e --help``; ``bench/README.md`` explains the output.
 """
@@ -47,7 +48,7 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
-    REPO, GatewayProcess, free_port, git_revision, machine_info, mosquitto_version, package_versions, stat_cpu_s,
+    REPO, GatewayProcess, forget_mqtt_session, free_port, git_revision, machine_info, mosquitto_version, package_versions, stat_cpu_s,
 )
 from bench.fleet import Fleet, FleetConfig
 from bench.rawcopy import raw_copy_rate, read_rows
@@ -74,6 +75,7 @@ class E2EConfig:
     timeout_s: float = 300.0
     gateway_env: dict[str, str] = field(default_factory=dict)  # extra VITALGATE_* settings
     profile_gateway: bool = False  # run the gateway under cProfile; top functions go into the results
+    bare_subscriber: bool = True  # the broker's limit: the same load to a subscriber that only counts
     keep: bool = False
 
     @property
@@ -231,12 +233,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         extra_env={"VITALGATE_LOG_LEVEL": "INFO", **cfg.gateway_env},
         python_args=["-m", "cProfile", "-o", str(work / f"gateway-{mode}.prof")] if cfg.profile_gateway else None,
     )
-    fcfg = FleetConfig(
-        url=mq.url, profiles_dir=str(REPO / "device_profiles"), devices=cfg.n_devices, mix={"pulse_oximeter": 1.0},
-        processes=cfg.processes, interval_s=5.0, flat_out=True, envelopes=cfg.envelopes, encoding=cfg.encoding,
-        mqtt_version=cfg.mqtt_version, client=cfg.client, numerics_per_envelope=5, metrics=["spo2", "pulse_rate"],
-        waveforms=False, artifacts=True, seed=7, client_id_prefix=f"bench-{mode}",
-    )
+    fcfg = _stress_fleet_config(cfg, mq.url, f"bench-{mode}")
     result: dict[str, Any] = {"mode": mode, "database": db, "gateway_client_id": client_id}
     gw.start()
     conn: asyncpg.Connection | None = None
@@ -273,6 +270,8 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
                 f"broker acknowledged {stats.acked:,} of {stats.published:,} envelopes ({cfg.envelopes:,} planned)"
             )
         win = _window(sampler.samples, stats.acked)
+        t_first = sampler.samples[0]["t"]
+        result["poll_samples"] = [{"t": x["t"] - t_first, "ingests": x["ingests"]} for x in sampler.samples[::5]]
         # Final counts, straight from the tables.
         counts = await conn.fetchrow(
             """SELECT (SELECT count(*) FROM ingests) AS ingests,
@@ -317,6 +316,40 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         gw.kill()
         if conn is not None:
             await conn.close()
+        # The stopped gateway's persistent session would queue every later run's messages.
+        try:
+            forget_mqtt_session(mq.url, client_id)
+        except OSError:
+            pass
+
+
+def _stress_fleet_config(cfg: E2EConfig, url: str, prefix: str) -> FleetConfig:
+    return FleetConfig(
+        url=url, profiles_dir=str(REPO / "device_profiles"), devices=cfg.n_devices, mix={"pulse_oximeter": 1.0},
+        processes=cfg.processes, interval_s=5.0, flat_out=True, envelopes=cfg.envelopes, encoding=cfg.encoding,
+        mqtt_version=cfg.mqtt_version, client=cfg.client, numerics_per_envelope=5, metrics=["spo2", "pulse_rate"],
+        waveforms=False, artifacts=True, seed=7, client_id_prefix=prefix,
+    )
+
+
+async def _bare_subscriber_run(cfg: E2EConfig, mq: Any) -> dict[str, Any]:
+    """The identical stress load, flat out, to the bare subscriber alone (bench.subscriber)."""
+    from bench.subscriber import BareSubscriber
+
+    sub = BareSubscriber(mq.url)
+    sub.start()
+    fleet = Fleet(_stress_fleet_config(cfg, mq.url, "bench-bare"))
+    try:
+        await asyncio.to_thread(fleet.start)
+        if not await asyncio.to_thread(fleet.join, cfg.timeout_s):
+            raise TimeoutError("publishers did not finish")
+        st = fleet.stats()
+        complete = await asyncio.to_thread(sub.wait_for, st.published, 60)
+    finally:
+        fleet.kill()
+        s = sub.stop()
+    return {"published": st.as_dict(), "received": s.as_dict(), "complete": complete and s.messages == st.published,
+            "envelopes_per_s": s.rate, "readings_per_s": s.rate * READINGS_PER_ENVELOPE}
 
 
 def _peak_rss_mib(pid: int) -> float | None:
@@ -356,17 +389,30 @@ async def _versions(dsn: str) -> dict[str, str]:
     return {"postgresql": pg, "timescaledb": ts or "-", "postgresql_settings": settings}  # type: ignore[dict-item]
 
 
-async def run(cfg: E2EConfig) -> dict[str, Any]:
-    """Start services, run the modes and the raw COPY, return the results (see module doc)."""
+def make_services(fsync: bool = True) -> tuple[Any, Any, Path]:
+    """A throwaway PostgreSQL+TimescaleDB and mosquitto (not started) in a new temporary directory."""
     _wait_for_services_module()
     from tests.services import Mosquitto, PostgresCluster
 
-    started = datetime.now(timezone.utc)
-    info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="vitalgate-bench-"))
-    pg = PostgresCluster(work / "pg", settings={"fsync": cfg.fsync, "full_page_writes": cfg.fsync})
+    # Commit timestamps give the ICU runs' commit latency (bench.beds); the cost is one SLRU entry per commit.
+    pg = PostgresCluster(work / "pg", settings={"fsync": fsync, "full_page_writes": fsync,
+                                                "track_commit_timestamp": True})
     # Saving the broker's queue every second would rewrite a whole backlog each time.
     mq = Mosquitto(work / "mqtt", autosave_interval=3600)
+    return pg, mq, work
+
+
+async def run(cfg: E2EConfig, services: tuple[Any, Any, Path] | None = None) -> dict[str, Any]:
+    """Run the modes, the raw COPY and the bare subscriber, return the results (see module doc).
+
+    With ``services`` (running, from ``make_services``) they are used and left running;
+    otherwise they are started here and removed at the end.
+    """
+    started = datetime.now(timezone.utc)
+    info = machine_info()
+    own = services is None
+    pg, mq, work = services if services is not None else make_services(cfg.fsync)
     results: dict[str, Any] = {
         "bench": "e2e",
         "started_at": started.isoformat(timespec="seconds"),
@@ -384,10 +430,11 @@ async def run(cfg: E2EConfig) -> dict[str, Any]:
     }
     try:
         t0 = time.monotonic()
-        pg.start()
-        mq.start()
+        if own:
+            pg.start()
+            mq.start()
         results["services_start_s"] = time.monotonic() - t0
-        versions = await _versions(pg.create_database("bench_versions"))
+        versions = await _versions(pg.create_database("bench_versions") if own else pg.dsn("bench_versions"))
         versions["mosquitto"] = mosquitto_version()
         versions["python_packages"] = package_versions()  # type: ignore[assignment]
         results["versions"] = versions
@@ -415,19 +462,35 @@ async def run(cfg: E2EConfig) -> dict[str, Any]:
             for r in results["runs"]:
                 if "window" in r:
                     r["ratio_to_raw_copy"] = r["window"]["readings_per_s"] / raw["rows_per_s"]
+        if cfg.bare_subscriber:
+            print(f"e2e: bare subscriber, the same {cfg.envelopes:,} envelopes ...", file=sys.stderr)
+            try:
+                bare = await _bare_subscriber_run(cfg, mq)
+            except Exception as exc:  # noqa: BLE001 - reported in the results
+                bare = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"e2e: bare subscriber failed: {exc}", file=sys.stderr)
+            results["bare_subscriber"] = bare
+            for r in results["runs"]:
+                if "window" in r and bare.get("envelopes_per_s"):
+                    r["ratio_to_bare_subscriber"] = r["window"]["envelopes_per_s"] / bare["envelopes_per_s"]
         results["duration_s"] = time.monotonic() - t0
         info["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
     finally:
-        for svc in (mq, pg):
-            try:
-                svc.stop() if cfg.keep else svc.cleanup()
-            except Exception as exc:  # noqa: BLE001
-                print(f"e2e: stopping {svc!r}: {exc}", file=sys.stderr)
-        if not cfg.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"e2e: kept {work}", file=sys.stderr)
+        if own:
+            stop_services(pg, mq, work, cfg.keep)
     return results
+
+
+def stop_services(pg: Any, mq: Any, work: Path, keep: bool = False) -> None:
+    for svc in (mq, pg):
+        try:
+            svc.stop() if keep else svc.cleanup()
+        except Exception as exc:  # noqa: BLE001
+            print(f"bench: stopping {svc!r}: {exc}", file=sys.stderr)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"bench: kept {work}", file=sys.stderr)
 
 
 def write_results(results: dict[str, Any], directory: Path = RESULTS_DIR) -> Path:
@@ -494,7 +557,14 @@ def print_table(results: dict[str, Any], out: Any = sys.stdout) -> None:
     row("gateway exit code", lambda r: str(r["gateway_exit_code"]))
     if raw:
         row("raw COPY rows/s (same rows)", lambda r: _f(raw["rows_per_s"]))
-        row("ratio gateway / raw COPY (target >= 0.5)", lambda r: f"{r['ratio_to_raw_copy']:.2f}")
+        row("ratio gateway / raw COPY (target >= 0.6)", lambda r: f"{r['ratio_to_raw_copy']:.2f}")
+    bare = results.get("bare_subscriber")
+    if bare and bare.get("envelopes_per_s"):
+        row("bare subscriber msgs/s (same messages)", lambda r: _f(bare["envelopes_per_s"]))
+        row("ratio gateway / bare subscriber", lambda r: f"{r['ratio_to_bare_subscriber']:.2f}")
+    row("CPU/reading gateway <= PG backends",
+        lambda r: "yes" if r["window"]["gateway_cpu_us_per_reading"] <= r["window"]["pg_backends_cpu_us_per_reading"]
+        else "NO")
     widths = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
     print("", file=out)
     for x in rows:

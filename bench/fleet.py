@@ -65,8 +65,9 @@ FUTURE_MS = 45_000  # flat out with a total: how far ahead of the wall clock the
 
 # Shared counter slots, per process.
 (PUB_ENV, PUB_READ, PUB_SAMP, PUB_BAD, PUB_BYTES, ACK_ENV, ACK_READ, ACK_SAMP, ACK_BAD, ACK_FAIL, NO_SUBS, STATE, PID,
- CPU_MS) = range(14)
-NFIELDS = 14
+ CPU_MS, LAG_MAX_US, LATE) = range(16)
+NFIELDS = 16
+LATE_S = 0.1  # paced: a send more than this after its due time counts as late
 INIT, READY, RUNNING, DONE, FAILED = 0, 1, 2, 3, -1
 
 # Deliberately malformed payloads, one kind after the other: (kind, what the gateway should say).
@@ -135,6 +136,8 @@ class FleetConfig:
     metrics: list[str] | None = None  # numeric metrics to send (those a profile has); None = all
     waveforms: bool = True
     artifacts: bool = True
+    # Report each numeric metric once per its profile interval_s (False: every metric in every entry)
+    respect_intervals: bool = True
     malformed: float = 0.0  # probability, per good envelope, of also sending a malformed one
     seed: int = 1
     window: int = 10_000  # max unacknowledged messages per process (flat out)
@@ -177,6 +180,8 @@ class FleetStats:
     processes_done: int
     processes: int
     publisher_cpu_s: float = 0.0
+    max_send_lag_ms: float = 0.0  # paced: the latest any envelope was sent after its due time
+    late_sends: int = 0  # paced: envelopes sent more than LATE_S after their due time
 
     @property
     def rate(self) -> float:
@@ -322,6 +327,7 @@ class _Worker:
                 prof, len(numbers), cfg.seed * 7919 + idx * 104729 + len(self.groups),
                 interval_s=cfg.interval_s, numerics_per_envelope=cfg.numerics_per_envelope,
                 metrics=metrics, waveforms=cfg.waveforms, artifacts=artifacts,
+                respect_intervals=cfg.respect_intervals,
             )
             devs = []
             for n in numbers:
@@ -386,6 +392,8 @@ class _Worker:
         for i in range(STATE):
             c[b + i] = self.local[i]
         c[b + CPU_MS] = int(time.process_time() * 1000)
+        c[b + LAG_MAX_US] = self.local[LAG_MAX_US]
+        c[b + LATE] = self.local[LATE]
 
     def set_state(self, state: int) -> None:
         self.counters[self.base + STATE] = state
@@ -517,6 +525,11 @@ class _Worker:
                     link.pump(min(delay, 0.05))
                     if stop_event.is_set():
                         return
+                lag = -delay
+                if lag > LATE_S:
+                    self.local[LATE] += 1
+                if lag > 0 and lag * 1e6 > self.local[LAG_MAX_US]:
+                    self.local[LAG_MAX_US] = int(lag * 1e6)
                 self._publish(link, msg)
             link.pump(0)
             self.flush_counters()
@@ -619,15 +632,16 @@ class Fleet:
         tot = [0] * NFIELDS
         done = 0
         for i in range(self.cfg.processes):
-            for f in (*range(STATE), CPU_MS):
+            for f in (*range(STATE), CPU_MS, LATE):
                 tot[f] += c[i * NFIELDS + f]
+            tot[LAG_MAX_US] = max(tot[LAG_MAX_US], c[i * NFIELDS + LAG_MAX_US])
             done += c[i * NFIELDS + STATE] == DONE
         end = self._t_end if self._t_end is not None else time.monotonic()
         elapsed = end - self._t0_mono if self._t0_mono else 0.0
         return FleetStats(
             elapsed, tot[PUB_ENV], tot[PUB_READ], tot[PUB_SAMP], tot[PUB_BAD], tot[PUB_BYTES],
             tot[ACK_ENV], tot[ACK_READ], tot[ACK_SAMP], tot[ACK_BAD], tot[ACK_FAIL], tot[NO_SUBS], done, self.cfg.processes,
-            tot[CPU_MS] / 1000.0,
+            tot[CPU_MS] / 1000.0, tot[LAG_MAX_US] / 1000.0, tot[LATE],
         )
 
     def done(self) -> bool:
