@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
@@ -18,7 +18,7 @@ from itertools import chain
 import msgspec
 import numpy as np
 
-from gateway.errors import RejectError
+from gateway.errors import IdentityError, RejectError
 from gateway.model import DEVICE_ID_PATTERN, Envelope, NumericColumns, WaveformColumns
 from gateway.profiles import Profile
 
@@ -202,11 +202,16 @@ def decode(
     *,
     content_type: str | None,
     profiles: Mapping[str, Profile],
-    default_profile: str | None = None,
+    default_profile: str | None | Callable[[str], str | None] = None,
     topic_device_id: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Decoded:
-    """Decode and validate one envelope; raise ``RejectError`` naming the field at fault."""
+    """Decode and validate one envelope; raise ``RejectError`` naming the field at fault.
+
+    ``default_profile`` is the profile of an envelope that names none; a callable is called
+    with the envelope's ``device_id`` for every envelope, once its identity is checked
+    against the topic (the device registry: it may raise ``IdentityError`` to refuse it).
+    """
     size = len(payload)
     if size > max_bytes:
         raise RejectError(f"payload: {size} bytes exceeds the limit of {max_bytes} bytes", topic_device_id)
@@ -230,9 +235,12 @@ def decode(
         raise RejectError(f"payload: invalid {what}: {detail}", topic_device_id) from None
     dev = env.device_id
     if topic_device_id is not None and dev != topic_device_id:
-        raise RejectError(
-            f"device_id: {dev!r} does not match the device id {topic_device_id!r} of the topic", topic_device_id
+        raise IdentityError(
+            f"device_id: {dev!r} does not match the device id {topic_device_id!r} of the topic", topic_device_id,
+            action="identity.mismatch",
         )
+    if callable(default_profile):
+        default_profile = default_profile(dev)
     if env.v != 1:
         raise RejectError(f"v: unsupported envelope version {env.v}, expected 1", dev)
     if env.firmware is not None and "\x00" in env.firmware:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GatewayError", "ConfigError", "ProfileError", "RejectError", "SinkError"]
+__all__ = ["GatewayError", "ConfigError", "ProfileError", "RejectError", "IdentityError", "RegistryError", "SinkError"]
 
 
 class GatewayError(Exception):
@@ -34,6 +34,22 @@ class RejectError(GatewayError):
         self.reason = reason
         self.device_id = device_id
         super().__init__(reason)
+
+
+class IdentityError(RejectError):
+    """A reject about who sent the envelope, not about its content: it is audited too.
+
+    ``action`` is the audit action (``identity.mismatch``, ``device.unregistered``,
+    ``device.revoked``, ``auth.failure``, ``authz.denied``).
+    """
+
+    def __init__(self, reason: str, device_id: str | None = None, *, action: str) -> None:
+        super().__init__(reason, device_id)
+        self.action = action
+
+
+class RegistryError(GatewayError):
+    """The device registry cannot be loaded (database unreachable, tables missing)."""
 
 
 class SinkError(GatewayError):

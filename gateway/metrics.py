@@ -1,7 +1,7 @@
 """Every Prometheus metric the gateway exports, declared in one place.
 
 Names carry the ``gateway_`` prefix; counters end in ``_total``; labels come from a
-closed set (``source``, ``outcome``, ``reason``, ``flag``, ``event``, ``priority``).
+closed set (``source``, ``outcome``, ``reason``, ``flag``, ``event``, ``priority``, ``action``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class Metrics:
         self.samples = Counter("gateway_waveform_samples_written_total", "Waveform samples committed.", registry=r)
         self.flagged = Counter("gateway_flagged_total", "Readings and waveform blocks per quality flag.", ["flag"], registry=r)
         self.alerts = Counter("gateway_alert_events_total", "Alert episodes opened and closed.", ["event", "priority"], registry=r)
+        self.audit = Counter(
+            "gateway_audit_events_total", "Audit events committed to audit_log, by action.", ["action"], registry=r
+        )
         self.batches = Counter("gateway_batches_written_total", "Batches committed.", registry=r)
         self.write_errors = Counter(
             "gateway_write_errors_total", "Failed database writes, by whether they will be retried.", ["retriable"], registry=r

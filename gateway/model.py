@@ -27,6 +27,7 @@ __all__ = [
     "NumericColumns",
     "WaveformColumns",
     "AlertEvent",
+    "AuditEvent",
 ]
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -201,3 +202,24 @@ class AlertEvent:
     value: float | None
     env: int | None = None
     profile: str | None = field(default=None, compare=False)
+
+
+@dataclass(slots=True, frozen=True)
+class AuditEvent:
+    """One security decision or registry change, bound for the append-only ``audit_log``.
+
+    ``at_ms`` is epoch milliseconds; ``actor`` who acted (``mqtt:po-1``, ``https:<token id>``,
+    ``cli:<unix user>``); ``action`` what was decided (``device.revoked``, ``auth.failure``,
+    ...); ``target`` what it was about (usually a device id); ``outcome`` ``denied`` or
+    ``success``; ``correlation_id`` ties it to other records (the rejected payload's SHA-256
+    in hex, a request id); ``detail`` is stored as JSON.
+    """
+
+    at_ms: int
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    source_addr: str | None = None
+    correlation_id: str | None = None
+    detail: dict[str, object] | None = None

@@ -6,14 +6,21 @@ runs the vectorized checks and alert rules over the whole batch, writes it in on
 transaction (retrying with backoff while the database is unavailable) and then
 acknowledges every payload of the batch in arrival order: stored, duplicate and
 rejected alike. Nothing is acknowledged before its outcome is committed.
+
+Identity: with ``require_registration``, an envelope of a device missing from the
+registry, or revoked in it, is rejected (``IdentityError``), and so is one whose
+``device_id`` differs from its topic's. Such rejects, and the decisions sources report
+through ``audit()``, are written to ``audit_log`` in the transaction of their batch.
+The registry is an in-memory cache: one dict lookup per envelope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,10 +28,11 @@ import numpy as np
 
 from gateway.checks import CheckSettings, CheckState, run_checks
 from gateway.decode import DEFAULT_MAX_BYTES, Decoded, decode, to_columns
-from gateway.errors import RejectError, SinkError
+from gateway.errors import IdentityError, RejectError, SinkError
 from gateway.metrics import Metrics
-from gateway.model import FLAG_NAMES, AlertEvent, Outcome, RawMessage
+from gateway.model import FLAG_NAMES, AlertEvent, AuditEvent, Outcome, RawMessage
 from gateway.profiles import Profile
+from gateway.registry import Registry
 from gateway.retry import Backoff
 from gateway.rules import AlertEngine
 from gateway.sinks import History, Rejected, Sink, WriteBatch
@@ -43,6 +51,7 @@ class PipelineSettings:
     max_age_s: float = 0.2
     max_payload_bytes: int = DEFAULT_MAX_BYTES
     default_profile: str | None = None
+    require_registration: bool = False  # refuse devices missing from (or revoked in) the registry
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     tick_s: float = 1.0
@@ -53,7 +62,7 @@ class PipelineSettings:
 
 class _Batch:
     __slots__ = ("items", "raws", "order", "rejected", "rows", "nbytes", "held", "created", "keys", "dups",
-                 "outcomes", "ids_by_key", "keep_ids")
+                 "outcomes", "ids_by_key", "keep_ids", "audit")
 
     def __init__(self) -> None:
         self.items: list[Decoded] = []
@@ -70,6 +79,12 @@ class _Batch:
         self.outcomes = False  # some payload wants its Outcome (RawMessage.on_outcome)
         self.keep_ids = False  # a later duplicate needs this batch's ingest ids
         self.ids_by_key: dict[tuple[str, bytes], int | None] = {}
+        self.audit: list[AuditEvent] = []
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to write: no payload and no audit event."""
+        return not self.order and not self.audit
 
     def __len__(self) -> int:
         return len(self.order)
@@ -89,8 +104,12 @@ class Pipeline:
         settings: PipelineSettings,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        registry: Registry | None = None,
     ) -> None:
+        if settings.require_registration and registry is None:
+            raise ValueError("require_registration needs a registry")
         self.profiles = profiles
+        self.registry = registry
         self.sink = sink
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -110,6 +129,11 @@ class Pipeline:
         self._next_tick = 0.0
         self._alert_publishers: list[AlertPublisher] = []
         self._received: dict[str, object] = {}
+        self._resolve: str | None | Callable[[str], str | None] = (
+            self._registered_profile if settings.require_registration
+            else self._profile_or_default if registry is not None
+            else settings.default_profile
+        )
         self.committed_batches = 0
         self._write_slots = asyncio.Semaphore(settings.max_concurrent_writes)
         self._writes: set[asyncio.Task[None]] = set()
@@ -145,15 +169,42 @@ class Pipeline:
         return self._pending_bytes >= self.settings.max_pending_bytes
 
     def validate(self, raw: RawMessage) -> Decoded:
-        """Decode and validate one payload without taking it; raise ``RejectError`` naming the field."""
+        """Decode and validate one payload without taking it; raise ``RejectError`` naming the field
+        (``IdentityError`` for an unregistered or revoked device, or a device_id that is not the topic's)."""
         return decode(
             raw.payload,
             content_type=raw.content_type,
             profiles=self.profiles,
-            default_profile=self.settings.default_profile,
+            default_profile=self._resolve,
             topic_device_id=raw.topic_device_id,
             max_bytes=self.settings.max_payload_bytes,
         )
+
+    def _registered_profile(self, device_id: str) -> str | None:
+        dev = self.registry.device(device_id)  # type: ignore[union-attr]
+        if dev is None:
+            raise IdentityError(f"device_id: {device_id!r} is not registered", device_id, action="device.unregistered")
+        if dev.status != "active":
+            raise IdentityError(f"device_id: {device_id!r} is revoked", device_id, action="device.revoked")
+        return dev.profile
+
+    def _profile_or_default(self, device_id: str) -> str | None:
+        if self.registry is not None:
+            registered = self.registry.profile_of(device_id)
+            if registered is not None:
+                return registered
+        return self.settings.default_profile
+
+    def audit(self, event: AuditEvent) -> None:
+        """Queue a security decision for ``audit_log``: written with the current batch (even one
+        holding no payload), never acknowledged, counted in ``gateway_audit_events_total``."""
+        if self._stopping:
+            raise RuntimeError("pipeline is stopping; no new audit events are taken")
+        batch = self._current
+        if batch.empty:
+            batch.created = time.monotonic()
+            self._wakeup.set()
+        batch.audit.append(event)
 
     def submit(self, raw: RawMessage) -> None:
         """Take one payload. Never raises for bad data: a reject is stored and acked like the rest."""
@@ -186,7 +237,7 @@ class Pipeline:
         if self._stopping:
             raise RuntimeError("pipeline is stopping; no new payloads are taken")
         batch = self._current
-        if not batch.order:
+        if batch.empty:
             batch.created = time.monotonic()
         self._in_flight += 1
         counter = self._received.get(raw.source)
@@ -229,6 +280,17 @@ class Pipeline:
         batch.rejected.append(Rejected(raw, exc.reason, exc.device_id))
         batch.nbytes += len(raw.payload)
         self._log_reject(raw, exc)
+        if isinstance(exc, IdentityError):
+            batch.audit.append(AuditEvent(
+                at_ms=raw.received_at_ms,
+                actor=f"{raw.source}:{raw.principal or 'anonymous'}",
+                action=exc.action,
+                target=exc.device_id,
+                outcome="denied",
+                source_addr=raw.remote_addr,
+                correlation_id=hashlib.sha256(raw.payload).hexdigest(),  # = rejected.payload_sha256
+                detail={"reason": exc.reason, "source": raw.source, "topic_or_path": raw.topic_or_path},
+            ))
 
     def _log_reject(self, raw: RawMessage, exc: RejectError) -> None:
         reason = exc.reason
@@ -240,7 +302,7 @@ class Pipeline:
         )
 
     def _seal(self) -> None:
-        if self._current.order:
+        if not self._current.empty:
             self._sealed.append(self._current)
             self._current = _Batch()
         self._wakeup.set()
@@ -261,10 +323,10 @@ class Pipeline:
                 batch = await self._next_batch()
                 events = self._tick_events()
                 if batch is None and not events:
-                    if self._stopping and not self._sealed and not self._current.order:
+                    if self._stopping and not self._sealed and self._current.empty:
                         break
                     continue
-                await self._process(batch or _Batch(), events)
+                await self._process(batch if batch is not None else _Batch(), events)
             while self._writes:
                 await asyncio.wait(set(self._writes))
             if self._write_failed is not None:
@@ -286,13 +348,13 @@ class Pipeline:
                 return self._sealed.popleft()
             cur = self._current
             if self._stopping:
-                if cur.order:
+                if not cur.empty:
                     self._seal()
                     continue
                 return None
             now = time.monotonic()
             deadline = self._next_tick
-            if cur.order:
+            if not cur.empty:
                 age_deadline = cur.created + self.settings.max_age_s
                 if now >= age_deadline:
                     self._seal()
@@ -339,7 +401,7 @@ class Pipeline:
         events = self._engine.evaluate(num, nflags, wav) if len(num) or len(wav) else []
         events = tick_events + events
         wb = WriteBatch(items=items, raws=raws, num=num, num_flags=nflags, wav=wav, wav_flags=wflags,
-                        rejected=batch.rejected, alerts=events)
+                        rejected=batch.rejected, alerts=events, audit=batch.audit)
         # Up to `max_concurrent_writes` transactions run at once, so the database works on
         # one batch while the next is decoded and checked. Acks still go out in arrival
         # order (see _finish). A batch with alert events waits for the writes before it:
@@ -361,7 +423,7 @@ class Pipeline:
             try:
                 ids = await self._retry("write", lambda: self.sink.write(wb))
             except SinkError as exc:
-                if exc.data_error and len(wb.items) + len(wb.rejected) > 0:
+                if exc.data_error and len(wb.items) + len(wb.rejected) + len(wb.audit) > 0:
                     ids = await self._write_split(wb, exc)
                 else:
                     ids = await self._hold(wb, exc)
@@ -422,7 +484,7 @@ class Pipeline:
                 ids[i] = v
 
         await attempt(list(range(len(wb.items))))
-        rest = WriteBatch(rejected=wb.rejected + refused, alerts=wb.alerts, alert_ingest_ids=ids)
+        rest = WriteBatch(rejected=wb.rejected + refused, alerts=wb.alerts, alert_ingest_ids=ids, audit=wb.audit)
         try:
             await self._retry("write", lambda: self.sink.write(rest))
         except SinkError as err:
@@ -430,7 +492,17 @@ class Pipeline:
             log.error("Alerts of the batch refused by the database; dropping them.", extra={"error": str(err),
                       "alerts": len(rest.alerts)})
             rest.alerts = []
-            await self._retry("write", lambda: self.sink.write(rest))
+            try:
+                await self._retry("write", lambda: self.sink.write(rest))
+            except SinkError as again:
+                if not rest.audit:
+                    raise
+                for ev in rest.audit:  # the log keeps the evidence the table refused
+                    log.error("Audit event refused by the database; logged here instead.",
+                              extra={"error": str(again), "action": ev.action, "actor": ev.actor, "target": ev.target,
+                                     "at": ev.at_ms, "correlation_id": ev.correlation_id})
+                rest.audit = []
+                await self._retry("write", lambda: self.sink.write(rest))
         wb.rejected = rest.rejected
         return ids
 
@@ -520,6 +592,9 @@ class Pipeline:
             m.envelopes.labels(src, "duplicate").inc(n_known)
         if wb.rejected:
             m.envelopes.labels(src, "rejected").inc(len(wb.rejected))
+        if wb.audit:
+            for action, n in Counter(e.action for e in wb.audit).items():
+                m.audit.labels(action).inc(n)
         if len(wb.num_flags) or len(wb.wav_flags):
             self._count_flags(np.concatenate([wb.num_flags, wb.wav_flags]))
         now_ms = self._clock() * 1000

@@ -18,11 +18,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.retry": (),
     "gateway.profiles": ("gateway.model", "gateway.errors"),
     "gateway.config": ("gateway.model", "gateway.errors"),
-    "gateway.sources": ("gateway.sources", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics", "gateway.retry"),
+    "gateway.registry": ("gateway.model", "gateway.errors", "gateway.config", "gateway.retry"),
+    "gateway.sources": ("gateway.sources", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics", "gateway.retry",
+                        "gateway.registry"),
     "gateway.sinks": ("gateway.sinks", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics",
                       "gateway.retry", "gateway.decode"),
     "gateway.pipeline": ("gateway.decode", "gateway.checks", "gateway.rules", "gateway.model", "gateway.errors",
-                         "gateway.metrics", "gateway.profiles", "gateway.retry", "gateway.sinks"),
+                         "gateway.metrics", "gateway.profiles", "gateway.retry", "gateway.sinks", "gateway.registry"),
 }
 PURE = ("gateway.checks", "gateway.rules")
 IMPURE_LIBS = ("asyncio", "asyncpg", "aiomqtt", "paho", "aiohttp", "prometheus_client", "time", "socket")

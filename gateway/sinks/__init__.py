@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from gateway.decode import Decoded
-from gateway.model import AlertEvent, NumericColumns, RawMessage, WaveformColumns
+from gateway.model import AlertEvent, AuditEvent, NumericColumns, RawMessage, WaveformColumns
 
 __all__ = ["Rejected", "WriteBatch", "OpenEpisode", "History", "Sink"]
 
@@ -25,7 +25,8 @@ class Rejected:
 
 @dataclass(slots=True)
 class WriteBatch:
-    """What one transaction stores: new envelopes with their checked columns, rejects, alert events.
+    """What one transaction stores: new envelopes with their checked columns, rejects, alert
+    events and audit events (a batch may hold audit events only).
 
     ``items[i]`` and ``raws[i]`` describe envelope ``i``; ``num.env`` / ``wav.env`` index into them.
     """
@@ -40,6 +41,7 @@ class WriteBatch:
     alerts: list[AlertEvent] = field(default_factory=list)
     # ingest ids of the envelopes alerts refer to, when they were stored by an earlier write
     alert_ingest_ids: list[int | None] | None = None
+    audit: list[AuditEvent] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

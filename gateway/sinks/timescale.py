@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import numpy as np
+import orjson
 
 from gateway.errors import SinkError
 from gateway.retry import is_retriable
@@ -45,6 +47,14 @@ INSERT INTO rejected (received_at, source, principal, gateway_id, topic_or_path,
 SELECT timestamptz 'epoch' + r * interval '1 millisecond', s, p, $4, tp, d, why, h, pb, pl
 FROM unnest($1::bigint[], $2::text[], $3::text[], $5::text[], $6::text[], $7::text[], $8::bytea[],
             $9::int[], $10::bytea[]) AS u(r, s, p, tp, d, why, h, pb, pl)
+"""
+
+# Audit events of one batch, one statement; ``detail`` travels as JSON text.
+_INSERT_AUDIT = """
+INSERT INTO audit_log (at, actor, action, target, outcome, source_addr, correlation_id, detail)
+SELECT timestamptz 'epoch' + a * interval '1 millisecond', ac, act, tg, oc, sa, ci, dt::jsonb
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
+     AS u(a, ac, act, tg, oc, sa, ci, dt)
 """
 
 # Alert episodes of one batch, written with one statement each way: episodes that opened in
@@ -123,6 +133,15 @@ def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
 def _clean(text: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL; device-supplied text in reasons is escaped, this is the last guard."""
     return text.replace("\x00", "\\x00") if text else text
+
+
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _json(detail: dict[str, object]) -> str:
+    r"""``detail`` as JSON text for jsonb, which refuses the escape ``\u0000``: NUL becomes ``\x00``."""
+    text = orjson.dumps(detail, default=str).decode()
+    return _JSON_NUL.sub(r"\1\\\\x00", text) if "\\u0000" in text else text
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -248,6 +267,8 @@ class TimescaleSink:
                 if batch.alerts:
                     alert_ids = batch.alert_ingest_ids if batch.alert_ingest_ids is not None else ids
                     await self._write_alerts(conn, batch, alert_ids)
+                if batch.audit:
+                    await self._write_audit(conn, batch)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
             raise SinkError(
                 f"write failed: {exc}", retriable=is_retriable(exc), sqlstate=getattr(exc, "sqlstate", None)
@@ -356,6 +377,20 @@ class TimescaleSink:
             [hashlib.sha256(r.raw.payload).digest() for r in rej],
             [len(r.raw.payload) for r in rej],
             [r.raw.payload[:limit] for r in rej],
+        )
+
+    async def _write_audit(self, conn: asyncpg.Connection, batch: WriteBatch) -> None:
+        ev = batch.audit
+        await conn.execute(
+            _INSERT_AUDIT,
+            [e.at_ms for e in ev],
+            [_clean(e.actor) for e in ev],
+            [e.action for e in ev],
+            [_clean(e.target) for e in ev],
+            [e.outcome for e in ev],
+            [e.source_addr for e in ev],
+            [_clean(e.correlation_id) for e in ev],
+            [None if e.detail is None else _json(e.detail) for e in ev],
         )
 
     async def _write_alerts(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
