@@ -3,7 +3,7 @@ PYTHON ?= .venv/bin/python
 PYTEST_ARGS ?=
 BENCH_STAMP := .venv/.vitalgate-bench.stamp
 
-.PHONY: all setup test demo bench lint clean distclean
+.PHONY: all setup test demo bench bench-peer lint clean distclean
 
 all: test
 
@@ -20,6 +20,15 @@ demo: setup
 
 bench: setup $(BENCH_STAMP)
 	$(PYTHON) -m bench.run
+
+# The peer comparison (Node-RED 4 + pg, installed with npm into the ignored bench/.peer/).
+bench-peer: setup $(BENCH_STAMP)
+	@command -v node >/dev/null && command -v npm >/dev/null || { echo "bench-peer needs node (20) and npm" >&2; exit 1; }
+	@if [ ! -f bench/.peer/node_modules/node-red/red.js ] || [ ! -d bench/.peer/node_modules/pg ]; then \
+		echo "==> npm install node-red@4 pg@8 into bench/.peer"; \
+		mkdir -p bench/.peer && cd bench/.peer && npm install --no-audit --no-fund --loglevel=error node-red@4 pg@8; \
+	fi
+	$(PYTHON) -m bench.peer
 
 # The bench extra, reinstalled when pyproject.toml changes.
 # Quiet on success (setuptools' build warnings are noise); the whole log on failure.

@@ -434,7 +434,7 @@ async def run(cfg: E2EConfig, services: tuple[Any, Any, Path] | None = None) -> 
             pg.start()
             mq.start()
         results["services_start_s"] = time.monotonic() - t0
-        versions = await _versions(pg.create_database("bench_versions") if own else pg.dsn("bench_versions"))
+        versions = await _versions(pg.dsn("postgres"))
         versions["mosquitto"] = mosquitto_version()
         versions["python_packages"] = package_versions()  # type: ignore[assignment]
         results["versions"] = versions

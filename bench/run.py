@@ -231,7 +231,7 @@ async def _suite(a: argparse.Namespace, parts: set[str]) -> dict[str, Any]:
     try:
         pg.start()
         mq.start()
-        versions = await e2e._versions(pg.create_database("bench_versions"))
+        versions = await e2e._versions(pg.dsn("postgres"))
         from bench.common import mosquitto_version, package_versions
 
         versions["mosquitto"] = mosquitto_version()
