@@ -18,6 +18,7 @@ from gateway.errors import SinkError
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
+from gateway.registry import Registry
 from gateway.retry import Backoff
 from gateway.sinks.timescale import TimescaleSink
 from gateway.sources.mqtt import MqttSource
@@ -38,6 +39,7 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self.sink: TimescaleSink | None = None
         self.mqtt: MqttSource | None = None
+        self.registry: Registry | None = None  # devices and API keys, when registration is required or HTTPS is on
         self.drained = True
 
     def handle_exit(self, sig: int) -> None:
@@ -75,16 +77,22 @@ class Gateway:
                     await asyncio.wait_for(self.should_exit.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
+        if cfg.auth.require_registration or cfg.http.enabled:
+            self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
+                                     retry_initial_s=cfg.retry.initial_s, retry_max_s=cfg.retry.max_s)
+            await self.registry.start(cfg.database.url)
         self.pipeline = Pipeline(
             profiles=profiles,
             sink=self.sink,
             metrics=self.metrics,
+            registry=self.registry,
             settings=PipelineSettings(
                 max_rows=cfg.batch.max_rows,
                 max_bytes=cfg.batch.max_bytes,
                 max_age_s=cfg.batch.max_age_s,
                 max_payload_bytes=cfg.max_payload_bytes,
                 default_profile=cfg.profiles.default,
+                require_registration=cfg.auth.require_registration,
                 retry_initial_s=cfg.retry.initial_s,
                 retry_max_s=cfg.retry.max_s,
                 checks=CheckSettings(
@@ -161,6 +169,8 @@ class Gateway:
                 t.cancel()
             except Exception as exc:  # noqa: BLE001
                 log.warning("Source ended with an error.", extra={"error": repr(exc)})
+        if self.registry is not None:
+            await self.registry.close()
         await self.sink.close()
         ok = self.drained and not error
         log.info("Stopped.", extra={"drained": self.drained, "batches": self.pipeline.committed_batches})

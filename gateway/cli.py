@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_profiles_parser(sub)
+    from gateway.registry_cli import add_registry_parsers
+
+    add_registry_parsers(sub)
     return parser
 
 

@@ -39,6 +39,8 @@ class GatewayProcess:
             "VITALGATE_PROFILES_DIR": str(PROFILES),
             "VITALGATE_GATEWAY_ID": "test-gw",
             "VITALGATE_METRICS_PORT": str(self.metrics_port),
+            # most tests publish from devices nobody registered; identity tests turn this on
+            "VITALGATE_AUTH_REQUIRE_REGISTRATION": "false",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
