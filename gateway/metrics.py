@@ -52,6 +52,10 @@ class Metrics:
             "gateway_commit_latency_seconds", "Receipt to commit, per envelope.", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.mqtt_connected = Gauge("gateway_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
+        self.intake_paused = Gauge(
+            "gateway_intake_paused", "1 while socket reads are paused (held payloads or resident memory at the bound).",
+            registry=r,
+        )
 
     def serve(self, host: str, port: int) -> None:
         """Expose the metrics over HTTP (``/metrics``) in a background thread."""
