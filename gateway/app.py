@@ -21,6 +21,7 @@ from gateway.profiles import load_profiles
 from gateway.registry import Registry
 from gateway.retry import Backoff
 from gateway.sinks.timescale import TimescaleSink
+from gateway.sources.http import HttpSource
 from gateway.sources.mqtt import MqttSource
 
 __all__ = ["Gateway"]
@@ -39,6 +40,7 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self.sink: TimescaleSink | None = None
         self.mqtt: MqttSource | None = None
+        self.http: HttpSource | None = None
         self.registry: Registry | None = None  # devices and API keys, when registration is required or HTTPS is on
         self.drained = True
 
@@ -105,6 +107,11 @@ class Gateway:
                 cfg.mqtt, client_id=cfg.mqtt_client_id, submit=self.pipeline.submit, metrics=self.metrics
             )
             self.pipeline.add_alert_publisher(self.mqtt.publish_alerts)
+        if cfg.http.enabled:
+            assert self.registry is not None
+            self.http = HttpSource(cfg.http, intake=self.pipeline, registry=self.registry, metrics=self.metrics,
+                                   gateway_id=cfg.gateway_id)
+            await self.http.start()  # binds now: a taken port or a bad certificate stops start-up
         # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
         # young generation is collected less often: batches hold thousands of short-lived,
         # acyclic objects until their commit, which otherwise triggers needless full scans.
@@ -123,6 +130,8 @@ class Gateway:
         sources: list[asyncio.Task[None]] = []
         if self.mqtt is not None:
             sources.append(asyncio.create_task(self.mqtt.run(), name="mqtt-source"))
+        if self.http is not None:
+            sources.append(asyncio.create_task(self.http.run(), name="http-source"))
         log.info("Gateway running.", extra={"gateway_id": self.config.gateway_id})
         stop = asyncio.create_task(self.should_exit.wait(), name="exit-wait")
         done, _ = await asyncio.wait({stop, writer, *sources}, return_when=asyncio.FIRST_COMPLETED)
@@ -138,6 +147,8 @@ class Gateway:
         stop.cancel()
         if self.mqtt is not None:
             self.mqtt.stop_intake()
+        if self.http is not None:
+            self.http.stop_intake()  # new requests: 503; those taken wait for their commit during the drain
         self.pipeline.stop()
         timeout = self.config.shutdown_timeout_s
         pending = self.pipeline.in_flight
@@ -160,6 +171,8 @@ class Gateway:
         if not writer.cancelled() and writer.exception() is not None:
             self.drained = False
             log.error("Writer failed while draining.", extra={"error": repr(writer.exception())})
+        if self.http is not None:
+            await self.http.close()
         if self.mqtt is not None:
             await self.mqtt.close()
         for t in sources:

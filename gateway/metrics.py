@@ -52,6 +52,9 @@ class Metrics:
             "gateway_commit_latency_seconds", "Receipt to commit, per envelope.", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.mqtt_connected = Gauge("gateway_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
+        self.http_requests = Counter(
+            "gateway_http_requests_total", "HTTPS requests answered, by status code.", ["status"], registry=r
+        )
         self.intake_paused = Gauge(
             "gateway_intake_paused", "1 while socket reads are paused (held payloads or resident memory at the bound).",
             registry=r,

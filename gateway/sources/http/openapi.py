@@ -1,0 +1,160 @@
+"""The OpenAPI 3.1 document, generated from the operation table and the msgspec types.
+
+Schemas come from ``msgspec.json.schema_components`` over the very types the handlers
+decode and encode (``Envelope``, ``IngestResponse``, ``ErrorBody``, ...); paths, status
+codes, security and the headers every answer carries come from ``api.OPERATIONS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from gateway import __version__
+from gateway.config import HttpConfig
+from gateway.model import Envelope
+
+from .api import COMMON_RESPONSES, CORRELATION_HEADER, OPERATIONS, ErrorBody, Operation
+
+__all__ = ["document", "build"]
+
+_REF = "#/components/schemas/{name}"
+
+_SECURITY_SCHEMES: dict[str, Any] = {
+    "deviceToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "vgd_...",
+        "description": "A device token (`vitalgate devices add` shows it once). The device is the token's owner.",
+    },
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "vgk_...",
+        "description": "An API key; each operation names the scope it needs (`telemetry:read`, `admin`).",
+    },
+    "mutualTLS": {
+        "type": "mutualTLS",
+        "description": (
+            "A client certificate signed by the CA in `http.tls_client_ca`. The device is the certificate's "
+            "SAN URI `urn:vitalgate:device:<id>` when present, else its subject CN."
+        ),
+    },
+}
+
+_HEADERS: dict[str, Any] = {
+    CORRELATION_HEADER: {
+        "description": "The request's correlation id (the client's `X-Request-Id`/`X-Correlation-Id` when sane); "
+                       "also in audit entries and logs.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    "WWW-Authenticate": {
+        "description": "The bearer challenge.",
+        "required": True,
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _headers_for(status: int) -> dict[str, Any]:
+    names = [CORRELATION_HEADER]
+    if status in (429, 503):
+        names.append("Retry-After")
+    if status == 401:
+        names.append("WWW-Authenticate")
+    return {n: {"$ref": f"#/components/headers/{n}"} for n in names}
+
+
+def _security(op: Operation) -> list[dict[str, list[str]]]:
+    if op.auth == "device":
+        return [{"deviceToken": []}, {"mutualTLS": []}]
+    if op.auth == "api_key":
+        return [{"apiKey": [op.scope] if op.scope else []}]
+    return []
+
+
+def _schema_of(tp: type | None, names: dict[Any, dict[str, Any]]) -> dict[str, Any] | None:
+    if tp is None:
+        return None
+    return names.get(tp) or {"$ref": _REF.format(name=tp.__name__)}
+
+
+def build(cfg: HttpConfig) -> dict[str, Any]:
+    """The document as a dict (``document()`` serializes it)."""
+    body_types: set[Any] = {ErrorBody, Envelope}
+    for op in OPERATIONS:
+        body_types.update(t for _, t in op.responses.values() if t is not None)
+    ordered = sorted(body_types, key=lambda t: t.__name__)
+    _, components = msgspec.json.schema_components(ordered, ref_template=_REF)
+    envelope_ref = {"$ref": _REF.format(name="Envelope")}
+    request_schemas: dict[Any, dict[str, Any]] = {
+        Envelope | list[Envelope]: {
+            "oneOf": [
+                envelope_ref,
+                {"type": "array", "items": envelope_ref, "minItems": 1, "maxItems": cfg.max_envelopes_per_request},
+            ]
+        }
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        entry: dict[str, Any] = {
+            "operationId": op.operation_id,
+            "summary": op.summary,
+            "security": _security(op),
+            "responses": {},
+        }
+        if op.description:
+            entry["description"] = op.description
+        if op.path_params:
+            entry["parameters"] = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": pattern}}
+                for name, pattern in op.path_params.items()
+            ]
+        if op.request_body is not None:
+            schema = request_schemas[op.request_body]
+            entry["requestBody"] = {
+                "required": True,
+                "content": {ct: {"schema": schema} for ct in op.request_content_types},
+            }
+        responses = dict(op.responses)
+        for status, text in COMMON_RESPONSES.items():
+            responses.setdefault(status, (text, ErrorBody))
+        for status in sorted(responses):
+            text, tp = responses[status]
+            resp: dict[str, Any] = {"description": text, "headers": _headers_for(status)}
+            schema = _schema_of(tp, {})
+            if schema is not None:
+                resp["content"] = {"application/json": {"schema": schema}}
+            elif op.operation_id == "getOpenApi" and status == 200:
+                resp["content"] = {"application/json": {"schema": {"type": "object"}}}
+            entry["responses"][str(status)] = resp
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vitalgate HTTPS ingestion",
+            "version": __version__,
+            "description": (
+                "Telemetry from connected medical devices (PROTOCOL version 1). Every answer carries "
+                f"`{CORRELATION_HEADER}`; every error body is `ErrorBody`."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": _SECURITY_SCHEMES,
+            "headers": _HEADERS,
+        },
+    }
+
+
+def document(cfg: HttpConfig) -> bytes:
+    """The document as JSON bytes, built once per source."""
+    return msgspec.json.encode(build(cfg))
