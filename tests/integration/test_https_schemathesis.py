@@ -1,0 +1,99 @@
+"""schemathesis against the OpenAPI document a running gateway serves, over TLS.
+
+Every operation of the served ``/openapi.json`` gets schema-valid (positive) and
+schema-violating (negative) requests generated from the document, sent with a valid
+device token (telemetry) or API key (the key operations). The checks: no 5xx, status
+codes, content types, headers and bodies as the document declares them, and no 2xx
+for a request the document says is invalid.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.integration.https_support import HttpsGateway
+from tests.services import PostgresCluster
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = 50
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
+
+
+@pytest.fixture(scope="module")
+def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
+    name = f"https_st_{time.monotonic_ns() % 10**8}"
+    dsn = pg_cluster.create_database(name)
+    g = HttpsGateway(
+        Path(tempfile.mkdtemp(prefix="vitalgate-https-st-")), dsn, ["st-1"],
+        settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "10000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "10000",
+                  "VITALGATE_HTTP_MAX_ENVELOPES_PER_REQUEST": "20", "VITALGATE_HTTP_MAX_BODY_BYTES": "262144"},
+    )
+    try:
+        g.start()
+        yield g
+        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
+    finally:
+        g.stop()
+        pg_cluster.drop_database(name)
+
+
+def _credential(gw: HttpsGateway, path: str) -> dict[str, str]:
+    secret = {"/v1/telemetry": gw.tokens["st-1"], "/v1/status": gw.keys["read"],
+              "/v1/devices/{device_id}": gw.keys["admin"]}.get(path)
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+def test_served_document_holds_for_generated_requests(gw: HttpsGateway, mode: GenerationMode):
+    ca = str(gw.workdir / "certs" / "server-ca.pem")
+    http = requests.Session()
+    http.verify = ca
+    doc = http.get(f"{gw.url}/openapi.json", timeout=10, verify=ca).json()
+    schema = schemathesis.openapi.from_dict(doc)
+    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
+    seen: dict[str, set[int]] = {}
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert {op.label for op in operations} == {"POST /v1/telemetry", "GET /v1/status", "GET /v1/devices/{device_id}",
+                                              "GET /openapi.json"}
+    for op in operations:
+        headers = _credential(gw, op.path)
+        statuses = seen.setdefault(op.label, set())
+
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def exercise(case: schemathesis.Case) -> None:
+            response = case.call(base_url=gw.url, session=http, headers=headers, timeout=30, verify=ca)
+            statuses.add(response.status_code)
+            case.validate_response(response, checks=checks, headers=headers)
+
+        try:
+            exercise()
+        except Exception as exc:
+            if "Unsatisfiable" in type(exc).__name__ and mode is GenerationMode.NEGATIVE:
+                continue  # nothing in this operation can be made invalid (GET /openapi.json)
+            raise
+    assert all(s < 500 for ss in seen.values() for s in ss), seen
+    if mode is GenerationMode.POSITIVE:  # the generated requests reached the handlers, not just the auth
+        assert seen["GET /v1/status"] == {200}
+        assert seen["POST /v1/telemetry"] & {400, 403}
+    assert gw.proc is not None and "Request failed unexpectedly" not in gw.proc.log_text()
