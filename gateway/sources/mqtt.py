@@ -213,7 +213,7 @@ class MqttSource:
         inner.manual_ack_set(True)  # before connecting: redelivered messages arrive right after CONNACK
         inner.on_message = self._on_message
         inner.disable_logger()
-        paho_speed.buffer_reads(inner)
+        paho_speed.buffer_reads(inner, keep_reading=lambda: not self._reader_off)
         self._hook_socket(client, inner)
         return client
 
@@ -292,6 +292,7 @@ class MqttSource:
                     client._disconnected.set_exception(exc)  # noqa: SLF001
 
         self._loop.add_reader(sock.fileno(), read_ready)  # type: ignore[attr-defined]
+        self._loop.call_soon(read_ready)  # packets already in the read buffer: the socket will not signal them
 
     def _pause(self, why: str) -> None:
         self._paused = why

@@ -15,6 +15,8 @@ checks them against paho's own parsing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import paho.mqtt._packet as paho_packet
 import paho.mqtt.client as paho_client
 from paho.mqtt.packettypes import PacketTypes
@@ -59,8 +61,14 @@ def install() -> None:
         _installed = True
 
 
-def buffer_reads(client: paho_client.Client) -> None:
-    """Give ``client`` a read buffer; call before connecting. Each connection needs a new client."""
+def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | None = None) -> None:
+    """Give ``client`` a read buffer; call before connecting. Each connection needs a new client.
+
+    ``keep_reading``: asked before each further packet of one readiness event; False stops
+    there (reads paused), leaving the rest in the buffer for the next ``loop_read()``.
+    Without it, a packet completed by a fresh ``recv`` refills the buffer and the drain
+    goes on as long as the socket has data.
+    """
     buf = bytearray()
     original_loop_read = client.loop_read
 
@@ -91,6 +99,8 @@ def buffer_reads(client: paho_client.Client) -> None:
     def loop_read(max_packets: int = 1) -> paho_client.MQTTErrorCode:
         rc = original_loop_read(max_packets)
         while rc == paho_client.MQTTErrorCode.MQTT_ERR_SUCCESS and buf and client._sock is not None:  # noqa: SLF001
+            if keep_reading is not None and not keep_reading():
+                break
             rc = original_loop_read(max_packets)
         return rc
 
