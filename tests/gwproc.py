@@ -127,14 +127,31 @@ class GatewayProcess:
 class Publisher:
     """A paho client publishing at QoS 1 and waiting for the broker's PUBACKs."""
 
-    def __init__(self, port: int, *, protocol: int = mqtt.MQTTv311, client_id: str = "") -> None:
+    def __init__(self, port: int, *, protocol: int = mqtt.MQTTv311, client_id: str = "", username: str | None = None,
+                 password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        """``username``/``password``: broker credentials; ``tls_ca``: connect with TLS trusting this CA
+        (``tls_cert``/``tls_key``: a client certificate). ``connack`` and ``puback_reasons`` (mid ->
+        reason code, MQTT 5 tells refusals apart) record what the broker answered."""
         self.protocol = protocol
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         self.client.max_inflight_messages_set(500)
         self.client.max_queued_messages_set(0)
+        self.connack: object = None
+        self.puback_reasons: dict[int, object] = {}
+        self.client.on_connect = lambda _c, _u, _f, rc, _p: setattr(self, "connack", rc)
+        self.client.on_publish = lambda _c, _u, mid, rc, _p: self.puback_reasons.__setitem__(mid, rc)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.infos: list[mqtt.MQTTMessageInfo] = []
+
+    def wait_connected(self, timeout: float = 10.0) -> object:
+        """Wait for the CONNACK; return its reason code (``.is_failure`` tells a refusal)."""
+        return wait_for(lambda: self.connack, timeout=timeout, message="CONNACK from the broker")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, content_type: str | None = None) -> None:
         props = None

@@ -40,15 +40,17 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .util import free_port, wait_for
 
-__all__ = ["Mosquitto", "PostgresCluster", "ServiceError"]
+__all__ = ["Mosquitto", "MqttTls", "PostgresCluster", "ServiceError", "device_acl", "write_password_file"]
 
 PG_BINDIR = Path(os.environ.get("VITALGATE_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 MOSQUITTO_BIN = os.environ.get("VITALGATE_MOSQUITTO_BIN", "/usr/sbin/mosquitto")
+MOSQUITTO_PASSWD_BIN = os.environ.get("VITALGATE_MOSQUITTO_PASSWD_BIN", "/usr/bin/mosquitto_passwd")
 HOST = "127.0.0.1"
 
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
@@ -587,6 +589,52 @@ class PostgresCluster:
 # --------------------------------------------------------------------------- mosquitto
 
 
+@dataclass(frozen=True)
+class MqttTls:
+    """A TLS listener: PEM files of the CA clients verify, and of the broker's certificate and key.
+
+    ``require_certificate`` asks every client for a certificate signed by ``ca_file``;
+    ``use_identity_as_username`` then makes its CN the MQTT username (the ACL's ``%u``),
+    so a device authenticates by certificate alone.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = False
+    use_identity_as_username: bool = False
+
+
+def write_password_file(path: Path, users: Mapping[str, str]) -> Path:
+    """A mosquitto password file for ``users`` (name -> password), hashed by ``mosquitto_passwd -U``.
+
+    One ``-U`` run hashes the whole file, however many users (``-b`` runs once per user).
+    """
+    for name, password in users.items():
+        if not name or ":" in name or "\n" in name or "\n" in password:
+            raise ValueError(f"user {name!r}: names and passwords cannot contain ':' or newlines")
+    path = Path(path)
+    path.write_text("".join(f"{name}:{password}\n" for name, password in users.items()))
+    path.chmod(0o600)
+    result = subprocess.run([MOSQUITTO_PASSWD_BIN, "-U", str(path)], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise ServiceError(f"mosquitto_passwd -U {path} failed ({result.returncode}): {result.stderr.strip()}")
+    return path
+
+
+def device_acl(gateway_user: str, *, telemetry: str = "devices/%u/telemetry") -> list[str]:
+    """ACL lines: each device (username = device id) may only publish its own telemetry topic;
+    the gateway user may read every device's telemetry and publish alerts."""
+    return [
+        f"user {gateway_user}",
+        "topic read devices/+/telemetry",
+        "topic write alerts/#",
+        "",
+        "# every other user is a device whose username is its device id",
+        f"pattern write {telemetry}",
+    ]
+
+
 class Mosquitto:
     """A throwaway mosquitto 2.0 broker on a free 127.0.0.1 port, configured for tests' backlogs.
 
@@ -610,6 +658,10 @@ class Mosquitto:
         autosave_interval: Seconds between persistence saves (what survives ``kill()``).
             Each save writes the whole queue, so a bench with huge backlogs may raise it.
         extra_config: More ``mosquitto.conf`` lines, appended last.
+        tls: Also listen with TLS on a second free port (``tls_port``, ``tls_url``).
+        password_file: Authenticate clients against this file (see ``write_password_file``);
+            anonymous clients are then refused, on every listener.
+        acl_file: Authorize publishing and subscribing by this ACL file (see ``device_acl``).
     """
 
     def __init__(
@@ -619,6 +671,9 @@ class Mosquitto:
         max_inflight_messages: int = 20_000,
         autosave_interval: int = 1,
         extra_config: tuple[str, ...] = (),
+        tls: MqttTls | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
     ) -> None:
         if not 0 <= max_inflight_messages < 65535:
             raise ValueError("max_inflight_messages must be in 0..65534 (0 = no limit)")
@@ -629,7 +684,11 @@ class Mosquitto:
         self.max_inflight_messages = max_inflight_messages
         self.autosave_interval = autosave_interval
         self.extra_config = tuple(extra_config)
+        self.tls = tls
+        self.password_file = Path(password_file).absolute() if password_file else None
+        self.acl_file = Path(acl_file).absolute() if acl_file else None
         self._port: int | None = None
+        self._tls_port: int | None = None
         self._reaped: _Reaped | None = None
 
     @property
@@ -642,6 +701,18 @@ class Mosquitto:
         if self._port is None:
             raise ServiceError("Mosquitto has no port before start().")
         return self._port
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port (with ``tls``), fixed at the first ``start()``."""
+        if self._tls_port is None:
+            raise ServiceError("Mosquitto has no TLS port (no tls= given, or before start()).")
+        return self._tls_port
+
+    @property
+    def tls_url(self) -> str:
+        """``mqtts://127.0.0.1:TLS_PORT``."""
+        return f"mqtts://{HOST}:{self.tls_port}"
 
     @property
     def url(self) -> str:
@@ -662,6 +733,8 @@ class Mosquitto:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         if self._port is None:
             self._port = free_port()
+        if self.tls is not None and self._tls_port is None:
+            self._tls_port = free_port()
         self._write_config()
         self._reaped = _Reaped(
             [MOSQUITTO_BIN, "-c", str(self.conf_path)],
@@ -677,7 +750,7 @@ class Mosquitto:
                 raise ServiceError(
                     f"mosquitto exited during startup.\n{_tail(self.base_dir / 'mosquitto.out')}\n{self.log_tail()}"
                 )
-            return _port_accepts(self.port)
+            return _port_accepts(self.port) and (self._tls_port is None or _port_accepts(self._tls_port))
 
         try:
             wait_for(ready, timeout, 0.02, lambda: f"mosquitto listening on port {self._port}\n{self.log_tail()}")
@@ -741,7 +814,9 @@ class Mosquitto:
         lines = [
             "# Written by tests/services.py; rewritten at every start.",
             f"listener {self.port} {HOST}",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if self.password_file else 'true'}",
+            *([f"password_file {self.password_file}"] if self.password_file else []),
+            *([f"acl_file {self.acl_file}"] if self.acl_file else []),
             *(["user root"] if _is_root() else []),  # else mosquitto drops to user mosquitto
             "persistence true",
             f"persistence_location {self.base_dir}",
@@ -759,9 +834,25 @@ class Mosquitto:
             "log_type notice",
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            *self._tls_lines(),
             *self.extra_config,
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
+
+    def _tls_lines(self) -> list[str]:
+        tls = self.tls
+        if tls is None:
+            return []
+        return [
+            "",
+            "# TLS listener; the options below apply to it",
+            f"listener {self.tls_port} {HOST}",
+            f"cafile {Path(tls.ca_file).absolute()}",
+            f"certfile {Path(tls.cert_file).absolute()}",
+            f"keyfile {Path(tls.key_file).absolute()}",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+            *(["use_identity_as_username true"] if tls.use_identity_as_username else []),
+        ]
 
     def __repr__(self) -> str:
         return f"Mosquitto({str(self.base_dir)!r}, port={self._port})"

@@ -29,6 +29,8 @@ ACTOR = f"cli:{getpass.getuser()}"
 @pytest.fixture
 def cli(db_dsn, monkeypatch, capsys):
     """Run `vitalgate ...` in a thread (it runs its own event loop); returns (status, stdout, stderr)."""
+    for var in [v for v in os.environ if v.startswith("VITALGATE_")]:
+        monkeypatch.delenv(var)  # the test run's own settings (VITALGATE_KEEP_SERVICES) are no gateway keys
     monkeypatch.setenv("VITALGATE_DATABASE_URL", db_dsn)
     monkeypatch.setenv("VITALGATE_PROFILES_DIR", str(PROFILES))
 
