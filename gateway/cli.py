@@ -47,7 +47,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.logs import setup_logging
 
     cfg = _load_config(args)
+    if args.workers is not None:
+        cfg = msgspec.structs.replace(cfg, workers=args.workers)
     setup_logging(cfg.log_level)
+    if cfg.workers > 1:
+        from gateway.workers import for_worker, worker_index
+
+        index = worker_index()
+        if index is None:
+            from gateway.workers.supervisor import supervise
+
+            return supervise(cfg, args.config)
+        cfg = for_worker(cfg, index)
 
     async def main() -> int:
         gw = Gateway(cfg)
@@ -96,6 +107,16 @@ def _cmd_db_migrate(args: argparse.Namespace) -> int:
     return _run_async(main)
 
 
+def _workers_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 64, got {value!r}")
+    return n
+
+
 def _mask_password(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
@@ -134,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ))
+    run.add_argument(
+        "--workers", "-w", metavar="N", type=_workers_arg,
+        help="run N gateway processes sharing the load (MQTT 5 shared subscription; each device's "
+        "payloads are handled by one of them); overrides the workers key / VITALGATE_WORKERS (default 1)",
+    )
     run.set_defaults(func=_cmd_run)
 
     db = sub.add_parser("db", help="database administration", description="Database administration.")

@@ -61,6 +61,7 @@ class MqttConfig(_Section):
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 20000
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
     alerts_topic: str = "alerts/{device_id}"
+    share_group: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "vitalgate"  # $share/<group>/ with workers > 1
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -152,6 +153,9 @@ _SECTIONS = {
 _TOP_KEYS = set(GatewayConfig.__struct_fields__) - set(_SECTIONS)
 
 
+_NOT_SETTINGS = {"config", "worker_index", "worker_dir"}  # VITALGATE_CONFIG; set by the --workers supervisor
+
+
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """``VITALGATE_MQTT_URL`` -> ``{"mqtt": {"url": ...}}``; ``VITALGATE_LOG_LEVEL`` -> top-level key."""
     out: dict[str, Any] = {}
@@ -160,7 +164,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
         if not var.startswith(ENV_PREFIX):
             continue
         key = var[len(ENV_PREFIX):].lower()
-        if key == "config":
+        if key in _NOT_SETTINGS:
             continue
         if key in _TOP_KEYS:
             out[key] = value

@@ -55,8 +55,19 @@ class Metrics:
         self.http_requests = Counter(
             "gateway_http_requests_total", "HTTPS requests answered, by status code.", ["status"], registry=r
         )
+        self.pending_bytes = Gauge(
+            "gateway_pending_bytes", "Payload bytes received and not yet acknowledged (the memory budget's measure).",
+            registry=r,
+        )
         self.intake_paused = Gauge(
             "gateway_intake_paused", "1 while socket reads are paused (held payloads or resident memory at the bound).",
+            registry=r,
+        )
+        self.forwarded = Counter(
+            "gateway_forwarded_messages_total", "Payloads forwarded to the worker owning their device.", registry=r
+        )
+        self.forward_held = Gauge(
+            "gateway_forward_held_messages", "Payloads forwarded to the worker owning their device, not yet committed.",
             registry=r,
         )
 

@@ -26,7 +26,12 @@ PROFILES = REPO / "device_profiles"
 class GatewayProcess:
     """A ``python -m gateway run`` subprocess with its log in a file."""
 
-    def __init__(self, workdir: Path, *, db_dsn: str, mqtt_url: str, client_id: str, env: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, *, db_dsn: str, mqtt_url: str, client_id: str, env: dict[str, str] | None = None,
+                 args: Sequence[str] = (), subscriptions: int = 1):
+        """``args``: more ``vitalgate run`` arguments (``--workers 2``); ``start()`` waits for
+        ``subscriptions`` "Subscribed." lines (one per worker)."""
+        self.args = list(args)
+        self.subscriptions = subscriptions
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "gateway.log"
@@ -50,7 +55,7 @@ class GatewayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         mark = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run"], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "gateway", "run", *self.args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         self.starts += 1
@@ -61,7 +66,7 @@ class GatewayProcess:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
             with open(self.log_path, "rb") as f:
                 f.seek(mark)
-                return b"Subscribed." in f.read()
+                return f.read().count(b"Subscribed.") >= self.subscriptions
 
         wait_for(subscribed, timeout=timeout, interval=0.05, message=lambda: f"gateway never subscribed:\n{self.log_tail()}")
 

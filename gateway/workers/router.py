@@ -1,0 +1,370 @@
+"""Device affinity between worker processes: forward each payload to the worker owning its device.
+
+``Router`` has the intake surface the sources call (``submit``, ``validate``,
+``accept``, ``quarantine``, ``backed_up``, ``audit``). A payload of a device this
+worker owns goes to the local pipeline. Any other is forwarded, raw, to its owner over
+the owner's unix socket (``<runtime dir>/w<i>.sock``) and *held* here until the owner
+reports its outcome (after commit); only then are its ``ack`` and ``on_outcome`` called.
+A held payload is never dropped: while its owner is unreachable (restarting) it waits
+and is sent again on reconnect; the owner's dedupe stores a resent envelope once.
+
+Frames are a 4-byte big-endian length, then a MessagePack ``Forward`` or ``Done``.
+``Done.status`` is an ``Outcome`` status, or ``refused`` when the owner is shutting
+down (the sender sends it again later, or leaves it unacknowledged with the broker).
+
+Backpressure: the owner stops reading frames while its pipeline is backed up; the
+sender counts held payload bytes with its pipeline's (``held_fraction``), so its
+MQTT source pauses reads when the two together reach the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections import deque
+from pathlib import Path
+
+import msgspec
+
+from gateway.errors import RejectError
+from gateway.metrics import Metrics
+from gateway.model import AuditEvent, Outcome, RawMessage
+from gateway.pipeline import Pipeline
+from gateway.retry import Backoff
+from gateway.workers import owner_of
+
+__all__ = ["Router", "Forward", "Done", "socket_path"]
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct(">I")
+_MAX_FRAME = 64 * 1024 * 1024
+_REFUSED_RETRY_S = 0.5
+
+
+class Forward(msgspec.Struct, tag="f", array_like=True):
+    """A payload for the worker owning its device, with what the receiving transport knew."""
+
+    id: int
+    payload: bytes
+    source: str
+    principal: str | None
+    topic: str
+    received_at_ms: int
+    content_type: str | None
+    topic_device_id: str | None
+    remote_addr: str | None
+
+
+class Done(msgspec.Struct, tag="d", array_like=True):
+    """The owner's answer for one ``Forward``: its committed outcome, or ``refused``."""
+
+    id: int
+    status: str
+    ingest_id: int | None = None
+    reason: str | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Forward | Done)
+
+
+def _frame(msg: Forward | Done) -> bytes:
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Forward | Done:
+    (n,) = _LEN.unpack(await reader.readexactly(4))
+    if n > _MAX_FRAME:
+        raise ValueError(f"frame of {n} bytes")
+    return _decoder.decode(await reader.readexactly(n))
+
+
+def socket_path(runtime_dir: str | Path, index: int) -> Path:
+    return Path(runtime_dir) / f"w{index}.sock"
+
+
+class _Peer:
+    """The link to one other worker: payloads held for it, in forward order."""
+
+    def __init__(self, router: Router, index: int) -> None:
+        self.router = router
+        self.index = index
+        self.path = socket_path(router.runtime_dir, index)
+        self.held: dict[int, RawMessage] = {}  # id -> payload, insertion (forward) order
+        self.unsent: deque[int] = deque()
+        self.wake = asyncio.Event()
+        self.connected = False
+        self.task: asyncio.Task[None] | None = None
+
+    def put(self, fid: int, raw: RawMessage) -> None:
+        self.held[fid] = raw
+        self.unsent.append(fid)
+        self.wake.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(0.05, 2.0)
+        down_since: float | None = None
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.path))
+            except OSError as exc:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                if self.held and (backoff.attempt in (5, 50) or backoff.attempt % 200 == 0):
+                    log.warning("Worker unreachable; holding the payloads forwarded to it.",
+                                extra={"worker": self.index, "held": len(self.held), "error": str(exc),
+                                       "down_s": round(now - down_since, 1)})
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if down_since is not None and self.held:
+                log.info("Worker reachable again; resending held payloads.",
+                         extra={"worker": self.index, "held": len(self.held)})
+            down_since = None
+            backoff.reset()
+            self.connected = True
+            self.unsent = deque(self.held)  # all of them: the owner dedupes what it already stored
+            answers = asyncio.create_task(self._answers(reader), name=f"forward-answers-w{self.index}")
+            try:
+                await self._send(writer, answers)
+            except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                if self.held:
+                    log.warning("Link to worker lost; holding its payloads.",
+                                extra={"worker": self.index, "held": len(self.held), "error": repr(exc)})
+            finally:
+                self.connected = False
+                answers.cancel()
+                writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, answers: asyncio.Task[None]) -> None:
+        while True:
+            if answers.done():
+                answers.result()  # raises the reader's error
+                raise ConnectionError("worker closed the link")
+            if self.unsent:
+                chunk = []
+                while self.unsent and len(chunk) < 512:
+                    fid = self.unsent.popleft()
+                    raw = self.held.get(fid)
+                    if raw is not None:
+                        chunk.append(_frame(Forward(fid, raw.payload, raw.source, raw.principal, raw.topic_or_path,
+                                                    raw.received_at_ms, raw.content_type, raw.topic_device_id,
+                                                    raw.remote_addr)))
+                writer.write(b"".join(chunk))
+                await writer.drain()
+                continue
+            self.wake.clear()
+            waiter = asyncio.ensure_future(self.wake.wait())
+            await asyncio.wait({waiter, answers}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+    async def _answers(self, reader: asyncio.StreamReader) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await _read_frame(reader)
+            if not isinstance(msg, Done):
+                raise ValueError("unexpected frame from the owner")
+            if msg.status == "refused":
+                if self.router.stopping:
+                    self.router.release(self, msg.id)  # left unacknowledged: the broker redelivers it
+                else:
+                    loop.call_later(_REFUSED_RETRY_S, self.requeue, msg.id)
+                continue
+            self.router.finish(self, msg)
+
+    def requeue(self, fid: int) -> None:
+        if fid in self.held:
+            self.unsent.append(fid)
+            self.wake.set()
+
+
+class Router:
+    """The intake of one worker: local pipeline for its own devices, forwarding for the others.
+
+    Args:
+        pipeline: This worker's pipeline.
+        index: This worker's index, 0..count-1.
+        count: Number of workers.
+        runtime_dir: Directory of the workers' sockets (shared by all of them).
+        max_held: Payloads held for one peer before ``backed_up`` (the MQTT window bounds them anyway).
+    """
+
+    def __init__(self, pipeline: Pipeline, *, index: int, count: int, runtime_dir: str | Path,
+                 metrics: Metrics, max_held: int = 20_000) -> None:
+        self.pipeline = pipeline
+        self.index = index
+        self.count = count
+        self.runtime_dir = Path(runtime_dir)
+        self.metrics = metrics
+        self.max_held = max_held
+        self.stopping = False
+        self._next_id = 0
+        self._held_bytes = 0
+        self._held = 0
+        self._peers = {i: _Peer(self, i) for i in range(count) if i != index}
+        self._server: asyncio.AbstractServer | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+        self._received = 0  # payloads taken from other workers since start
+        if hasattr(pipeline, "audit"):
+            self.audit = pipeline.audit  # security decisions have no device state: written locally
+        self._forwarded = metrics.forwarded
+        metrics.forward_held.set_function(lambda: self._held)
+
+    # ------------------------------------------------------------------ intake
+    def owns(self, device_id: str | None) -> bool:
+        return not device_id or owner_of(device_id, self.count) == self.index
+
+    def submit(self, raw: RawMessage) -> None:
+        device_id = raw.topic_device_id or raw.principal
+        if self.owns(device_id):
+            self.pipeline.submit(raw)
+        else:
+            self._forward(raw, owner_of(device_id, self.count))  # type: ignore[arg-type]
+
+    def validate(self, raw: RawMessage):  # noqa: ANN201 - the pipeline's Decoded
+        return self.pipeline.validate(raw)  # decoding is stateless: any worker can answer 4xx
+
+    def accept(self, raw: RawMessage, decoded) -> None:  # noqa: ANN001
+        if self.stopping:
+            raise RuntimeError("pipeline is stopping; no new payloads are taken")
+        device_id = decoded.device_id
+        if self.owns(device_id):
+            self.pipeline.accept(raw, decoded)
+        else:
+            self._forward(raw, owner_of(device_id, self.count))  # the owner decodes it again
+
+    def quarantine(self, raw: RawMessage, exc: RejectError) -> None:
+        self.pipeline.quarantine(raw, exc)  # a reject touches no device state
+
+    @property
+    def backed_up(self) -> bool:
+        return self.held_fraction() >= 1.0
+
+    @property
+    def in_flight(self) -> int:
+        return self.pipeline.in_flight + self._held
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.pipeline.pending_bytes + self._held_bytes
+
+    @property
+    def held(self) -> int:
+        """Payloads forwarded to other workers and not yet committed there."""
+        return self._held
+
+    def held_fraction(self) -> float:
+        """What this worker holds as a fraction of its budget: payload bytes (its pipeline's and
+        those forwarded, not yet committed) and, per peer, held payloads against ``max_held``."""
+        budget = self.pipeline.settings.max_pending_bytes
+        frac = (self.pipeline.pending_bytes + self._held_bytes) / budget
+        if self.pipeline.backed_up:
+            frac = max(frac, 1.0)
+        for p in self._peers.values():
+            frac = max(frac, len(p.held) / self.max_held)
+        return frac
+
+    def _forward(self, raw: RawMessage, owner: int) -> None:
+        if self.stopping:
+            raise RuntimeError("pipeline is stopping; no new payloads are taken")
+        fid = self._next_id
+        self._next_id += 1
+        self._held += 1
+        self._held_bytes += len(raw.payload)
+        self._peers[owner].put(fid, raw)
+        self._forwarded.inc()
+
+    def finish(self, peer: _Peer, done: Done) -> None:
+        raw = self.release(peer, done.id)
+        if raw is None:
+            return  # answered twice (sent again after a reconnect)
+        if raw.ack is not None:
+            raw.ack()
+        if raw.on_outcome is not None:
+            try:
+                raw.on_outcome(Outcome(done.status, done.ingest_id, done.reason))  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - a transport's callback must not break the link
+                log.warning("Outcome callback failed.", extra={"origin": raw.topic_or_path, "error": repr(exc)})
+
+    def release(self, peer: _Peer, fid: int) -> RawMessage | None:
+        raw = peer.held.pop(fid, None)
+        if raw is not None:
+            self._held -= 1
+            self._held_bytes -= len(raw.payload)
+        return raw
+
+    # ------------------------------------------------------------------ owner side
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._links.add(writer)
+        pipeline = self.pipeline
+
+        def answer(fid: int):  # noqa: ANN202
+            def on_outcome(o: Outcome) -> None:
+                if not writer.is_closing():
+                    writer.write(_frame(Done(fid, o.status, o.ingest_id, o.reason)))
+            return on_outcome
+
+        try:
+            while True:
+                while pipeline.backed_up and not self.stopping:
+                    await asyncio.sleep(0.02)  # the sender holds them meanwhile, and pauses its own reads
+                msg = await _read_frame(reader)
+                if not isinstance(msg, Forward):
+                    raise ValueError("unexpected frame from a worker")
+                raw = RawMessage(payload=msg.payload, source=msg.source, principal=msg.principal,  # type: ignore[arg-type]
+                                 topic_or_path=msg.topic, received_at_ms=msg.received_at_ms,
+                                 content_type=msg.content_type, topic_device_id=msg.topic_device_id,
+                                 on_outcome=answer(msg.id), remote_addr=msg.remote_addr)
+                try:
+                    pipeline.submit(raw)
+                except RuntimeError:  # stopping: the sender keeps it
+                    writer.write(_frame(Done(msg.id, "refused")))
+                    continue
+                self._received += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the sender went away; it resends what it still holds
+        except (ValueError, msgspec.DecodeError) as exc:
+            log.error("Bad frame from a worker; closing the link.", extra={"error": str(exc)})
+        finally:
+            self._links.discard(writer)
+            writer.close()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Listen on this worker's socket and start the links to the other workers."""
+        path = socket_path(self.runtime_dir, self.index)
+        path.unlink(missing_ok=True)  # left by a previous run of this worker (killed)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        for p in self._peers.values():
+            p.task = asyncio.create_task(p.run(), name=f"forward-w{p.index}")
+        log.info("Worker links up.", extra={"worker": self.index, "workers": self.count, "socket": str(path)})
+
+    def stop(self) -> None:
+        """Stop taking payloads (forwarded ones refused from now on are left with the transport)."""
+        self.stopping = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every forwarded payload is answered (or refused); True if none is left."""
+        deadline = time.monotonic() + timeout
+        while self._held and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._held:
+            log.warning("Forwarded payloads not answered in time; they stay with the broker.",
+                        extra={"held": self._held})
+        return not self._held
+
+    async def close(self) -> None:
+        """Stop listening and close every link (after the local pipeline has drained)."""
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._links):
+            w.close()
+        for p in self._peers.values():
+            if p.task is not None:
+                p.task.cancel()
+        await asyncio.gather(*(p.task for p in self._peers.values() if p.task is not None), return_exceptions=True)
+        socket_path(self.runtime_dir, self.index).unlink(missing_ok=True)
