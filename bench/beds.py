@@ -80,16 +80,33 @@ class BedsConfig:
     gateway_env: dict[str, str] = field(default_factory=dict)
     sweep: bool = True
     overload: bool = True
+    profile_gateway: bool = False  # the fixed-count/sweep gateway under cProfile; top 40 into the results
+    pregenerate: bool = True  # fixed count and sweep: payloads generated before the start (overload: live)
+
+
+# Pregenerating payloads: CPU seconds per envelope per publisher process (measured ~70 us; margin for a busy machine).
+PREGEN_S_PER_ENVELOPE = 150e-6
 
 
 def icu_fleet_config(url: str, beds: int, *, seconds: float | None = None, processes: int = 2, seed: int = 11,
-                     prefix: str = "icu", flat_out: bool = False, envelopes: int | None = None) -> FleetConfig:
-    """The ICU bed workload (module doc) for ``beds`` beds."""
+                     prefix: str = "icu", flat_out: bool = False, envelopes: int | None = None,
+                     pregenerate: bool = False) -> FleetConfig:
+    """The ICU bed workload (module doc) for ``beds`` beds.
+
+    With ``pregenerate`` (paced, ``seconds`` given) every payload is generated before the
+    start, which is set far enough ahead for that (``start_ms``): while the run goes, the
+    publishers only send.
+    """
+    start_ms = None
+    if pregenerate:
+        assert seconds is not None
+        lead = 2.0 + beds * seconds / max(1, processes) * PREGEN_S_PER_ENVELOPE
+        start_ms = int((time.time() + lead) * 1000)
     return FleetConfig(
         url=url, profiles_dir=str(REPO / "device_profiles"), devices=beds, mix={PROFILE: 1.0}, processes=processes,
         interval_s=1.0, flat_out=flat_out, seconds=seconds, envelopes=envelopes, encoding="mixed", mqtt_version="5",
         client="raw", numerics_per_envelope=1, metrics=None, waveforms=True, artifacts=True, respect_intervals=False,
-        seed=seed, client_id_prefix=prefix,
+        seed=seed, client_id_prefix=prefix, pregenerate=pregenerate, start_ms=start_ms,
     )
 
 
@@ -238,9 +255,11 @@ class LoadRun:
         cfg, fcfg = self.cfg, self.fcfg
         id0 = int(await self.conn.fetchval("SELECT coalesce(max(id), 0) FROM ingests"))
         fleet = Fleet(fcfg)
-        t0 = time.time()
+        # Times are seconds from the publishers' planned start (pregenerated) or from now.
+        t0 = fcfg.start_ms / 1000 if fcfg.start_ms else time.time()
         await asyncio.to_thread(fleet.start)
-        t_start = fleet._t0.value  # the publishers' epoch start: window 0 begins here
+        # The publishers' epoch start: window 0 begins here.
+        t_start = fcfg.start_ms / 1000 if fcfg.start_ms else fleet._t0.value
         target = fcfg.devices / fcfg.interval_s if not fcfg.flat_out else float("nan")
         per_env = (ICU_NUMERICS, 437.5)
         result: dict[str, Any] = {"label": self.label, "beds": fcfg.devices, "target_envelopes_per_s": target,
@@ -248,7 +267,7 @@ class LoadRun:
         prev: dict[str, Any] | None = None
         last_print = 0.0
         t_pub_end: float | None = None
-        deadline_pub = time.monotonic() + (fcfg.seconds or 0) + 60
+        deadline_pub = time.monotonic() + max(0.0, t_start - time.time()) + (fcfg.seconds or 0) + 60
         try:
             while True:
                 s = await self._sample(id0, fleet, t0)
@@ -370,10 +389,11 @@ def _steady_window(samples: list[dict[str, Any]], t_from: float, t_to: float, st
 def _gateway(work: Path, name: str, dsn: str, mq: Any, cfg: BedsConfig, extra: dict[str, str] | None = None
              ) -> GatewayProcess:
     env = {"VITALGATE_LOG_LEVEL": "INFO", **cfg.gateway_env, **(extra or {})}
+    prof = ["-m", "cProfile", "-o", str(work / f"gateway-{name}.prof")] if cfg.profile_gateway and name == "icu" else None
     return GatewayProcess(
         work / f"gateway-{name}.log", database_url=dsn, mqtt_url=mq.url,
         client_id=f"vitalgate-bench-{name}-{uuid.uuid4().hex[:8]}", gateway_id="bench",
-        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(), extra_env=env,
+        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(), extra_env=env, python_args=prof,
     )
 
 
@@ -499,7 +519,7 @@ async def run_beds(cfg: BedsConfig, pg: Any, mq: Any, work: Path, out: Any = sys
             label = f"icu {beds} beds"
             print(f"icu: {beds:,} beds for {seconds:.0f} s ...", file=out, flush=True)
             fcfg = icu_fleet_config(mq.url, beds, seconds=seconds, processes=cfg.processes,
-                                    prefix=f"icu{len(history)}", seed=11 + len(history))
+                                    prefix=f"icu{len(history)}", seed=11 + len(history), pregenerate=cfg.pregenerate)
             try:
                 r = await LoadRun(label, gw, conn, mq, fcfg, cfg, out).run()
             except (RuntimeError, TimeoutError) as exc:
@@ -531,6 +551,11 @@ async def run_beds(cfg: BedsConfig, pg: Any, mq: Any, work: Path, out: Any = sys
 
     await _with_gateway(gw, dsn, sweep)
     res["fixed"] = res["steps"][0]
+    if cfg.profile_gateway:
+        from bench.e2e import _profile_top
+
+        res["gateway_profile"] = _profile_top(work / "gateway-icu.prof")
+        print(f"\nICU gateway cProfile, by own time (whole process)\n{res['gateway_profile']}", file=out)
     print(f"icu: bare subscriber, {cfg.broker_limit_envelopes:,} ICU envelopes flat out ...", file=out, flush=True)
     res["broker_limit"] = await _broker_limit(mq, cfg)
     if cfg.overload and res.get("sweep_max_beds"):

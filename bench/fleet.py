@@ -143,6 +143,9 @@ class FleetConfig:
     window: int = 10_000  # max unacknowledged messages per process (flat out)
     client_id_prefix: str = ""
     start_ms: int | None = None  # epoch ms of the first window's start (default: see module doc)
+    # Paced with ``seconds`` and ``start_ms``: generate every payload before the start, so that
+    # while it runs a publisher only sends (no signal generation or encoding on the machine under test).
+    pregenerate: bool = False
     ack_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -158,6 +161,8 @@ class FleetConfig:
             raise ValueError("malformed is a probability")
         if not 1 <= self.window <= 60_000:
             raise ValueError("window must be within 1..60000 (MQTT packet ids)")
+        if self.pregenerate and (self.flat_out or self.seconds is None or self.start_ms is None):
+            raise ValueError("pregenerate is for paced runs with seconds and start_ms")
         self.processes = min(self.processes, self.devices)
 
 
@@ -425,13 +430,18 @@ class _Worker:
                 while self._quota_left() and len(pregenerated) < 2 * total_windows + 10:
                     pregenerated.append(self.window_messages(start_ms))
                 total_windows = len(pregenerated)
+            elif cfg.pregenerate:
+                assert cfg.seconds is not None and cfg.start_ms is not None
+                pregenerated = [self.window_messages(cfg.start_ms)
+                                for _ in range(max(1, math.ceil(cfg.seconds / cfg.interval_s - 1e-9)))]
+                total_windows = len(pregenerated)
             self.set_state(READY)
             start_event.wait()
             self.set_state(RUNNING)
             if cfg.flat_out:
                 self._flat_out(link, pregenerated, stop_event, t0_wall.value, total_windows)
             else:
-                self._paced(link, stop_event, t0_wall.value, total_windows)
+                self._paced(link, stop_event, t0_wall.value, total_windows, pregenerated)
             # Wait for the remaining PUBACKs.
             deadline = time.monotonic() + cfg.ack_timeout_s
             while link.outstanding and time.monotonic() < deadline:
@@ -501,12 +511,18 @@ class _Worker:
         link.pump(0)
         self.flush_counters()
 
-    def _paced(self, link: Any, stop_event: Any, t0: float, total_windows: int | None) -> None:
+    def _paced(self, link: Any, stop_event: Any, t0: float, total_windows: int | None,
+               pregenerated: list[list[tuple[int, str, bytes, str, int, int, int]]] | None = None) -> None:
         cfg = self.cfg
         start_ms = self.start_ms or int(t0 * 1000)
         interval_ms = cfg.interval_s * 1000
         k = 0
-        while total_windows is None or (self._quota_left() > 0 and k < 2 * total_windows + 10):
+        while True:
+            if pregenerated is not None:
+                if k >= len(pregenerated):
+                    return
+            elif total_windows is not None and not (self._quota_left() > 0 and k < 2 * total_windows + 10):
+                return
             wstart_ms = start_ms + int(round(k * interval_ms))
             # Wait for the window to begin (device offsets are >= 10 % of the interval).
             while time.time() * 1000 < wstart_ms:
@@ -514,7 +530,10 @@ class _Worker:
                 self.flush_counters()
                 if stop_event.is_set():
                     return
-            msgs = self.window_messages(start_ms)
+            if pregenerated is not None:
+                msgs, pregenerated[k] = pregenerated[k], []
+            else:
+                msgs = self.window_messages(start_ms)
             for msg in msgs:
                 # A window's envelope is sent when its window ends, at the device's offset.
                 due = (wstart_ms + interval_ms + msg[0]) / 1000.0
@@ -534,7 +553,9 @@ class _Worker:
             link.pump(0)
             self.flush_counters()
             k += 1
-            if stop_event.is_set() or (cfg.seconds is not None and time.time() >= t0 + cfg.seconds):
+            if stop_event.is_set():
+                return
+            if pregenerated is None and cfg.seconds is not None and time.time() >= t0 + cfg.seconds:
                 return
 
 

@@ -34,13 +34,16 @@ def _plt() -> Any:
     return plt
 
 
-def _rate_series(samples: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+def _rate_series(samples: list[dict[str, Any]], key: str, min_dt: float = 0.0) -> tuple[list[float], list[float]]:
+    """Rates between samples at least ``min_dt`` apart (the publishers update their counters about once a second)."""
     ts, rs = [], []
-    for a, b in zip(samples, samples[1:]):
-        dt = b["t"] - a["t"]
-        if dt > 0:
+    a = samples[0] if samples else None
+    for b in samples[1:]:
+        dt = b["t"] - a["t"]  # type: ignore[index]
+        if dt > 0 and dt >= min_dt:
             ts.append(b["t"])
-            rs.append((b[key] - a[key]) / dt)
+            rs.append((b[key] - a[key]) / dt)  # type: ignore[index]
+            a = b
     return ts, rs
 
 
@@ -72,7 +75,7 @@ def throughput(results: dict[str, Any], path: Path) -> Path:
         else:
             tl = r.get("commit_timeline", [])
             ax.step([t for t, _ in tl], [c for _, c in tl], where="post", lw=1.2, label="committed envelopes/s")
-            ts, rs = _rate_series(r.get("samples", []), "published")
+            ts, rs = _rate_series(r.get("samples", []), "published", 2.0)
             ax.plot(ts, rs, lw=0.8, alpha=0.7, label="published envelopes/s")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -145,7 +148,7 @@ def overload(results: dict[str, Any], path: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
     tl = r.get("commit_timeline", [])
     a1.step([t for t, _ in tl], [c for _, c in tl], where="post", lw=1.2, label="committed envelopes/s")
-    ts, rs = _rate_series(s, "published")
+    ts, rs = _rate_series(s, "published", 2.0)
     a1.plot(ts, rs, lw=0.8, alpha=0.7, label="published envelopes/s")
     a1b = a1.twinx()
     a1b.plot([x["t"] for x in s], [x["acked"] - x["ingests"] for x in s], color="tab:red", lw=1,

@@ -216,8 +216,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-memory-mib", type=int, default=512, help="the gateway's max_memory_mib in the ICU runs")
     ap.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra gateway setting for every run (repeatable)")
-    ap.add_argument("--profile-gateway", action="store_true", help="stress: the gateway's cProfile top 40")
+    ap.add_argument("--profile-gateway", action="store_true", help="the stress and ICU gateways' cProfile top 40")
     ap.add_argument("--no-write", action="store_true", help="do not write results, plots or the log")
+    ap.add_argument("--keep", action="store_true", help="keep the services' directory (gateway logs) afterwards")
     return ap.parse_args(argv)
 
 
@@ -249,12 +250,13 @@ async def _suite(a: argparse.Namespace, parts: set[str]) -> dict[str, Any]:
             bcfg = beds.BedsConfig(fixed_beds=a.beds, fixed_s=a.fixed_seconds, step_s=a.step_seconds,
                                    sweep_steps=a.sweep_steps, sweep=a.sweep_steps > 0,
                                    overload=a.overload_seconds > 0, overload_s=a.overload_seconds or 60.0,
-                                   max_memory_mib=a.max_memory_mib, gateway_env=env)
+                                   max_memory_mib=a.max_memory_mib, gateway_env=env,
+                                   profile_gateway=a.profile_gateway)
             results["icu"] = await beds.run_beds(bcfg, pg, mq, work, out=sys.stdout)
             print_icu_table(results["icu"])
     finally:
         results["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
-        e2e.stop_services(pg, mq, work)
+        e2e.stop_services(pg, mq, work, a.keep)
     results["services_and_runs_s"] = time.monotonic() - t0
     return results
 

@@ -122,3 +122,14 @@ def test_targets_report_each_figure() -> None:
 def test_fleet_config_respect_intervals_default() -> None:
     assert FleetConfig().respect_intervals is True
     assert beds.icu_fleet_config("mqtt://x:1", 1).respect_intervals is False
+
+
+def test_pregenerate_needs_a_paced_run_with_a_start_and_a_duration() -> None:
+    with pytest.raises(ValueError):
+        FleetConfig(pregenerate=True, seconds=10.0)
+    with pytest.raises(ValueError):
+        FleetConfig(pregenerate=True, start_ms=1, seconds=10.0, flat_out=True)
+    cfg = beds.icu_fleet_config("mqtt://x:1", 3000, seconds=20.0, pregenerate=True)
+    import time
+
+    assert cfg.start_ms is not None and cfg.start_ms / 1000 > time.time() + 2.0
