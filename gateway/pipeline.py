@@ -121,6 +121,7 @@ class Pipeline:
         self._pending_keys: dict[tuple[str, bytes], _Batch] = {}
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._audit_closed = False  # the writer took its last batch: audit events can only be logged
         self._in_flight = 0
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -197,9 +198,16 @@ class Pipeline:
 
     def audit(self, event: AuditEvent) -> None:
         """Queue a security decision for ``audit_log``: written with the current batch (even one
-        holding no payload), never acknowledged, counted in ``gateway_audit_events_total``."""
-        if self._stopping:
-            raise RuntimeError("pipeline is stopping; no new audit events are taken")
+        holding no payload), never acknowledged, counted in ``gateway_audit_events_total``.
+
+        Taken while draining too; once the writer has finished, the event is logged instead.
+        """
+        if self._audit_closed:
+            log.warning("Audit event after the writer finished; logged here only.",
+                        extra={"action": event.action, "actor": event.actor, "target": event.target,
+                               "outcome": event.outcome, "source_addr": event.source_addr, "at": event.at_ms,
+                               "correlation_id": event.correlation_id})
+            return
         batch = self._current
         if batch.empty:
             batch.created = time.monotonic()
@@ -228,7 +236,8 @@ class Pipeline:
 
     def quarantine(self, raw: RawMessage, exc: RejectError) -> None:
         """Take a payload refused by the source itself (identity, authorization): stored in
-        ``rejected`` and acknowledged after commit like any other reject."""
+        ``rejected`` and acknowledged after commit like any other reject. An ``IdentityError``
+        is also written to ``audit_log`` under its ``action``."""
         batch = self._take(raw)
         self._reject(batch, raw, exc)
         self._after_take(batch)
@@ -324,6 +333,7 @@ class Pipeline:
                 events = self._tick_events()
                 if batch is None and not events:
                     if self._stopping and not self._sealed and self._current.empty:
+                        self._audit_closed = True
                         break
                     continue
                 await self._process(batch if batch is not None else _Batch(), events)

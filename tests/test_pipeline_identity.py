@@ -148,7 +148,7 @@ async def test_registration_without_a_registry_is_a_configuration_error():
         make(AuditSink(), None, require=True)
 
 
-async def test_audit_events_from_sources_are_written_without_any_payload():
+async def test_audit_events_from_sources_are_written_without_any_payload(caplog):
     sink = AuditSink()
     pipe = make(sink, registry())
     task = asyncio.create_task(pipe.run())
@@ -163,8 +163,21 @@ async def test_audit_events_from_sources_are_written_without_any_payload():
     await drain(pipe, task)
     assert sink.audit == [ev, ev]
     assert pipe.metrics.audit.labels("auth.failure")._value.get() == 2  # noqa: SLF001
-    with pytest.raises(RuntimeError, match="stopping"):
-        pipe.audit(ev)
+    pipe.audit(ev)  # after the writer finished: only logged
+    assert sink.audit == [ev, ev]
+    assert [r.action for r in caplog.records  # type: ignore[attr-defined]
+            if r.getMessage() == "Audit event after the writer finished; logged here only."] == ["auth.failure"]
+
+
+async def test_audit_events_taken_while_draining_are_written():
+    sink = AuditSink()
+    pipe = make(sink, registry())
+    task = asyncio.create_task(pipe.run())
+    pipe.submit(raw("po-1", 1))
+    pipe.stop()
+    pipe.audit(AuditEvent(at_ms=T, actor="https:tok", action="authz.denied", target="po-2", outcome="denied"))
+    await task
+    assert [e.action for e in sink.audit] == ["authz.denied"]
 
 
 async def test_audit_events_the_database_refuses_are_logged_and_the_rest_is_stored(caplog):
