@@ -659,9 +659,10 @@ class Mosquitto:
             Each save writes the whole queue, so a bench with huge backlogs may raise it.
         extra_config: More ``mosquitto.conf`` lines, appended last.
         tls: Also listen with TLS on a second free port (``tls_port``, ``tls_url``).
-        password_file: Authenticate clients against this file (see ``write_password_file``);
-            anonymous clients are then refused, on every listener.
+        password_file: Authenticate clients against this file (see ``write_password_file``).
         acl_file: Authorize publishing and subscribing by this ACL file (see ``device_acl``).
+        allow_anonymous: Accept clients without credentials; default: only when neither
+            ``password_file`` nor ``acl_file`` is given.
     """
 
     def __init__(
@@ -674,6 +675,7 @@ class Mosquitto:
         tls: MqttTls | None = None,
         password_file: Path | None = None,
         acl_file: Path | None = None,
+        allow_anonymous: bool | None = None,
     ) -> None:
         if not 0 <= max_inflight_messages < 65535:
             raise ValueError("max_inflight_messages must be in 0..65534 (0 = no limit)")
@@ -687,6 +689,7 @@ class Mosquitto:
         self.tls = tls
         self.password_file = Path(password_file).absolute() if password_file else None
         self.acl_file = Path(acl_file).absolute() if acl_file else None
+        self.allow_anonymous = (password_file is None and acl_file is None) if allow_anonymous is None else allow_anonymous
         self._port: int | None = None
         self._tls_port: int | None = None
         self._reaped: _Reaped | None = None
@@ -814,7 +817,7 @@ class Mosquitto:
         lines = [
             "# Written by tests/services.py; rewritten at every start.",
             f"listener {self.port} {HOST}",
-            f"allow_anonymous {'false' if self.password_file else 'true'}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             *([f"password_file {self.password_file}"] if self.password_file else []),
             *([f"acl_file {self.acl_file}"] if self.acl_file else []),
             *(["user root"] if _is_root() else []),  # else mosquitto drops to user mosquitto

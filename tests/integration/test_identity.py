@@ -131,6 +131,63 @@ def test_the_broker_acl_lets_a_device_publish_only_its_own_topic(tmp_path, db_ds
         broker.cleanup()
 
 
+def test_a_device_certificate_is_its_broker_identity(tmp_path, db_dsn, gateways, monkeypatch, capsys):
+    """Mutual TLS at the broker: the certificate's CN is the MQTT username the ACL binds to a topic."""
+    ca = trustme.CA()
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_pem)
+    files = {}
+    for name, identity in (("broker", "127.0.0.1"), ("vitalgate", "vitalgate"), ("po-a", "po-a")):
+        files[name] = tmp_path / f"{name}.pem"
+        ca.issue_cert(identity, common_name=identity).private_key_and_cert_chain_pem.write_to_path(files[name])
+    stranger = tmp_path / "stranger.pem"  # a certificate naming po-a, from another CA
+    trustme.CA().issue_cert("po-a", common_name="po-a").private_key_and_cert_chain_pem.write_to_path(stranger)
+    acl = tmp_path / "acl"
+    acl.write_text("\n".join(device_acl("vitalgate")) + "\n")
+    broker = Mosquitto(tmp_path / "mq", tls=MqttTls(ca_pem, files["broker"], files["broker"], require_certificate=True,
+                                                   use_identity_as_username=True), acl_file=acl)
+    broker.start()
+    try:
+        assert registry_cli(monkeypatch, db_dsn, "db", "migrate") == 0
+        assert registry_cli(monkeypatch, db_dsn, "devices", "add", "po-a", "--profile", "pulse_oximeter") == 0
+        capsys.readouterr()
+        gw = gateways(db_dsn, broker.tls_url, {"VITALGATE_MQTT_TLS_CA": str(ca_pem), "VITALGATE_MQTT_TLS_CERT": str(files["vitalgate"]),
+                                               "VITALGATE_MQTT_TLS_KEY": str(files["vitalgate"])})
+        gw.start()
+
+        # no client certificate, or one the broker's CA did not sign: the TLS handshake fails (TLS 1.3:
+        # after the client's side completed), and no CONNACK ever comes
+        for cert, error in ((None, "peer did not return a certificate"), (str(stranger), "certificate verify failed")):
+            p = Publisher(broker.tls_port, protocol=mqtt.MQTTv5, tls_ca=str(ca_pem), tls_cert=cert)
+            wait_for(lambda error=error: f"SSL routines::{error}" in broker.log_tail(100), timeout=10,
+                     message=lambda: broker.log_tail())
+            assert p.connack is None
+            p.close()
+        anonymous = Publisher(broker.port, protocol=mqtt.MQTTv5)  # the plain listener: no identity, refused
+        assert anonymous.wait_connected().is_failure
+        anonymous.close()
+
+        dev = Publisher(broker.tls_port, protocol=mqtt.MQTTv5, client_id="po-a-cert", tls_ca=str(ca_pem),
+                        tls_cert=str(files["po-a"]))
+        assert not dev.wait_connected().is_failure
+        dev.publish("devices/po-b/telemetry", orjson.dumps(envelope("po-b", 1)))
+        dev.wait_acked()
+        assert [rc.getName() for rc in dev.puback_reasons.values()] == ["Not authorized"]  # type: ignore[attr-defined]
+        dev.close()
+        dev = Publisher(broker.tls_port, protocol=mqtt.MQTTv5, client_id="po-a-cert2", tls_ca=str(ca_pem),
+                        tls_cert=str(files["po-a"]))
+        own = envelope("po-a", 2)
+        dev.publish("devices/po-a/telemetry", orjson.dumps(own))
+        dev.wait_acked()
+        dev.close()
+        wait_for(lambda: count(db_dsn, "SELECT count(*) FROM ingests") == 1, timeout=30, message=gw.log_tail)
+        assert asyncio.run(fetch_readings(db_dsn)) == expected_readings([own])
+        assert count(db_dsn, "SELECT count(*) FROM rejected") == 0
+        assert gw.terminate() == 0
+    finally:
+        broker.cleanup()
+
+
 # (topic device, envelope device, profile in the envelope, expected reason or None if stored, audit action)
 ROUND = [
     ("po-a", "po-a", True, None, None),
