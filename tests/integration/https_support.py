@@ -92,8 +92,8 @@ class _HttpsProcess(GatewayProcess):
     def start(self, timeout: float = 60.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         mark = self.log_path.stat().st_size
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run"], cwd=REPO, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", *self.args], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.starts += 1
 
@@ -103,7 +103,7 @@ class _HttpsProcess(GatewayProcess):
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
             with open(self.log_path, "rb") as f:
                 f.seek(mark)
-                return b"HTTPS listening." in f.read()
+                return f.read().count(b"HTTPS listening.") >= self.subscriptions  # one line per worker
 
         wait_for(listening, timeout=timeout, interval=0.05, message=lambda: f"gateway not listening:\n{self.log_tail()}")
 
@@ -120,6 +120,7 @@ class HttpsGateway:
     tokens: dict[str, str] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # name -> key
     port: int = 0
+    workers: int = 1
     proc: _HttpsProcess | None = None
 
     def start(self) -> None:
@@ -159,6 +160,8 @@ class HttpsGateway:
                 "VITALGATE_HTTP_TLS_CLIENT_CA": str(self.client_ca.pem_path),
                 **self.settings,
             },
+            args=["--workers", str(self.workers)] if self.workers > 1 else [],
+            subscriptions=self.workers,
         )
         self.proc.start()
 

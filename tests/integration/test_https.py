@@ -15,6 +15,7 @@ import io
 import itertools
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,46 @@ def _log_says(g: HttpsGateway, text: str):  # noqa: ANN202
         return text in g.proc.log_text()
     says.__name__ = f"log line {text!r}"
     return says
+
+
+# ------------------------------------------------------------------ workers
+
+
+async def test_two_workers_share_the_port_and_answer_after_the_owners_commit(pg_cluster: PostgresCluster):
+    """``--workers 2``: both workers listen on the port (SO_REUSEPORT); whichever takes a
+    request, each envelope is committed by the worker owning its device, and the 202
+    (with the ingest ids) comes after that commit."""
+    name = f"https_w2_{time.monotonic_ns() % 10**8}"
+    dsn = pg_cluster.create_database(name)
+    devices = [f"wk-{i}" for i in range(8)]
+    g = HttpsGateway(Path(tempfile.mkdtemp(prefix="vitalgate-https-w2-")), dsn, devices, workers=2)
+    try:
+        g.start()
+        assert g.proc is not None
+        answers = []
+        for round_ in range(3):  # fresh connections: the kernel spreads them over both workers
+            conn = aiohttp.TCPConnector(ssl=g.ssl_context(), force_close=True)
+            async with aiohttp.ClientSession(base_url=g.url, connector=conn) as s:
+                answers += await asyncio.gather(*(
+                    post(s, [envelope(d, round_ * 10 + k) for k in range(5)], token=g.tokens[d]) for d in devices))
+        assert [a[0] for a in answers] == [202] * 24, answers
+        check = await asyncpg.connect(dsn)
+        try:
+            ids = sorted(r["ingest_id"] for a in answers for r in a[1]["results"])
+            assert ids == sorted(await check.fetchval("SELECT array_agg(id) FROM ingests"))
+            assert await check.fetchval("SELECT count(*) FROM readings") == 24 * 5 * 10
+            # each device's envelopes were committed by one worker, and both workers own some
+            owners = await check.fetch("SELECT device_id, array_agg(DISTINCT gateway_id) AS g FROM ingests GROUP BY 1")
+            assert all(len(r["g"]) == 1 for r in owners) and len({r["g"][0] for r in owners}) == 2
+        finally:
+            await check.close()
+        assert g.proc.log_text().count("HTTPS listening.") == 2
+        forwarded = 0.0
+        for port in (g.proc.metrics_port, g.proc.metrics_port + 1):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            forwarded += sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                             if line.startswith("gateway_forwarded_messages_total "))
+        assert forwarded > 0  # some requests reached the worker not owning their device
+    finally:
+        g.stop()
+        pg_cluster.drop_database(name)
