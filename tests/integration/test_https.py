@@ -14,6 +14,9 @@ import gzip
 import io
 import itertools
 import tempfile
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +29,9 @@ import msgspec
 import orjson
 import pytest
 import pytest_asyncio
+import trustme
 
+from tests.gwproc import REPO
 from tests.integration.https_support import HttpsGateway
 from tests.services import PostgresCluster
 
@@ -364,6 +369,38 @@ async def _wait_audit(db: asyncpg.Connection, action: str, at_least: int, actor:
         return n >= at_least
     enough.__name__ = f"{at_least} audit entries {action}"
     await _until(enough)
+
+
+# ------------------------------------------------------------------ start-up errors
+
+
+@pytest.mark.parametrize("case", ["port taken", "missing certificate", "key of another certificate"])
+async def test_start_up_stops_with_exit_2_naming_the_http_setting(gw: HttpsGateway, case: str, tmp_path: Path):
+    assert gw.proc is not None
+    env = {**gw.proc.env, "VITALGATE_METRICS_PORT": "0"}
+    blocker = None
+    if case == "port taken":
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: nobody may share it
+        blocker.listen()
+        env["VITALGATE_HTTP_PORT"] = str(blocker.getsockname()[1])
+        expected = "http.host/http.port: cannot listen on 127.0.0.1:"
+    elif case == "missing certificate":
+        env["VITALGATE_HTTP_TLS_CERT"] = str(tmp_path / "nope.pem")
+        expected = "http.tls_cert/http.tls_key/http.tls_client_ca: cannot load"
+    else:
+        other = trustme.CA().issue_cert("127.0.0.1")
+        other.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        env["VITALGATE_HTTP_TLS_CERT"] = str(tmp_path / "cert.pem")  # the key stays the first certificate's
+        expected = "http.tls_cert/http.tls_key/http.tls_client_ca: cannot load"
+    try:
+        r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "run"], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=60)
+    finally:
+        if blocker is not None:
+            blocker.close()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Start-up failed." in r.stderr and expected in r.stderr, r.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ shutdown
