@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 import zlib
 
 import msgspec
@@ -31,9 +32,15 @@ def test_gunzip_round_trip():
 def test_gzip_bomb_is_refused_without_inflating_it():
     bomb = gzip.compress(b"\0" * (200 * MIB), compresslevel=9)  # ~200 KiB that expand to 200 MiB
     assert len(bomb) < MIB
-    with pytest.raises(ApiError) as e:
-        gunzip(bomb, MIB)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApiError) as e:
+            gunzip(bomb, MIB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert e.value.status == 413 and "decompresses to more than" in e.value.reason
+    assert peak < 4 * MIB  # never more than the limit (plus copies) in memory
 
 
 def test_gzip_exactly_at_the_limit_passes():

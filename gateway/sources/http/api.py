@@ -102,10 +102,8 @@ def json_response(status: int, body: msgspec.Struct, headers: dict[str, str] | N
 
 
 class ApiError(Exception):
-    """An answer other than success; the middleware renders it as ``ErrorBody``.
-
-    ``audit`` (an audit action such as ``auth.failure``) asks the middleware to record it.
-    """
+    """An answer other than success; the middleware renders it as ``ErrorBody``
+    (``reason`` names the field at fault; ``errors`` lists every invalid envelope of an array)."""
 
     def __init__(
         self,

@@ -37,8 +37,9 @@ _SECURITY_SCHEMES: dict[str, Any] = {
     "mutualTLS": {
         "type": "mutualTLS",
         "description": (
-            "A client certificate signed by the CA in `http.tls_client_ca`. The device is the certificate's "
-            "SAN URI `urn:vitalgate:device:<id>` when present, else its subject CN."
+            "A client certificate signed by the CA in `http.tls_client_ca`. The device is the one registered "
+            "with a `cert_subject` the certificate carries (its RFC 4514 subject, CN or a SAN URI), else the "
+            "certificate's SAN URI `urn:vitalgate:device:<id>`, else its subject CN."
         ),
     },
 }
@@ -80,10 +81,8 @@ def _security(op: Operation) -> list[dict[str, list[str]]]:
     return []
 
 
-def _schema_of(tp: type | None, names: dict[Any, dict[str, Any]]) -> dict[str, Any] | None:
-    if tp is None:
-        return None
-    return names.get(tp) or {"$ref": _REF.format(name=tp.__name__)}
+def _schema_of(tp: type | None) -> dict[str, Any] | None:
+    return None if tp is None else {"$ref": _REF.format(name=tp.__name__)}
 
 
 def build(cfg: HttpConfig) -> dict[str, Any]:
@@ -129,7 +128,7 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
         for status in sorted(responses):
             text, tp = responses[status]
             resp: dict[str, Any] = {"description": text, "headers": _headers_for(status)}
-            schema = _schema_of(tp, {})
+            schema = _schema_of(tp)
             if schema is not None:
                 resp["content"] = {"application/json": {"schema": schema}}
             elif op.operation_id == "getOpenApi" and status == 200:
