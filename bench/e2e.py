@@ -149,10 +149,21 @@ class _Sampler:
         self.samples.append(s)
         return s
 
-    async def run_until(self, target: int, deadline: float) -> dict[str, float]:
-        """Poll until ``target`` ingests are committed; return the sample that saw it."""
+    async def run_until(self, target: int, deadline: float, label: str = "") -> dict[str, float]:
+        """Poll until ``target`` ingests are committed; return the sample that saw it.
+
+        Prints a progress line about once a second (committed envelopes, rate since the last line).
+        """
+        last: dict[str, Any] | None = None
         while True:
             s = await self.sample()
+            if last is None or s["t"] - last["t"] >= 1.0 or s["ingests"] >= target:
+                if last is not None and s["t"] > last["t"]:
+                    rate = (s["ingests"] - last["ingests"]) / (s["t"] - last["t"])
+                    print(f"  {label:>14} committed {int(s['ingests']):9,} of {target:,} envelopes, "
+                          f"{rate:8,.0f} env/s = {rate * READINGS_PER_ENVELOPE:9,.0f} readings/s", file=sys.stderr,
+                          flush=True)
+                last = s
             if s["ingests"] >= target:
                 return s
             if not self.gw.alive():
@@ -254,10 +265,10 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
                 raise TimeoutError("publishers did not finish")
             await sampler.sample()
             gw.start()
-            await sampler.run_until(cfg.envelopes, deadline)
+            await sampler.run_until(cfg.envelopes, deadline, f"stress {mode}")
         else:
             await sampler.sample()
-            polling = asyncio.create_task(sampler.run_until(cfg.envelopes, deadline))
+            polling = asyncio.create_task(sampler.run_until(cfg.envelopes, deadline, f"stress {mode}"))
             await asyncio.to_thread(fleet.start)
             t_pub = time.monotonic()
             if not await asyncio.to_thread(fleet.join, cfg.timeout_s):
