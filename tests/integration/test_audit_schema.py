@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
+from gateway.errors import RegistryError
 from gateway.model import AuditEvent, RawMessage
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
@@ -156,3 +157,10 @@ async def _pipeline_case(owner: asyncpg.Connection, gateway_login: str) -> None:
     assert orjson.loads(audit[1]["detail"])["reason"] == "device_id: 'po-ghost' is not registered"
     assert pipeline.metrics.audit.labels("device.revoked")._value.get() == 1  # noqa: SLF001
     assert pipeline.metrics.audit.labels("auth.failure")._value.get() == 1  # noqa: SLF001
+
+
+async def test_the_registry_refuses_to_start_on_an_unmigrated_database(db_dsn):
+    reg = Registry()
+    with pytest.raises(RegistryError, match=r'relation "devices" does not exist; run `vitalgate db migrate`'):
+        await reg.start(db_dsn)
+    await reg.close()
