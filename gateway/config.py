@@ -80,6 +80,7 @@ class HttpConfig(_Section):
     rate_limit_per_s: PosFloat = 20.0  # requests per device per second, sustained
     rate_limit_burst: PosInt = 40
     commit_timeout_s: PosFloat = 30.0  # longest a request waits for its commit before 503
+    body_timeout_s: PosFloat = 30.0  # longest a client may take to send its body before 408
     retry_after_s: PosInt = 1  # Retry-After of 503 responses while the writer is backed up
 
 

@@ -175,7 +175,7 @@ def test_document_lists_every_operation_with_its_statuses_and_security():
         (p, m) for p, ops in doc["paths"].items() for m in ops
     }
     post = doc["paths"]["/v1/telemetry"]["post"]
-    assert set(post["responses"]) == {"202", "400", "401", "403", "413", "415", "429", "500", "503"}
+    assert set(post["responses"]) == {"202", "400", "401", "403", "408", "413", "415", "429", "500", "503"}
     assert post["security"] == [{"deviceToken": []}, {"mutualTLS": []}]
     assert post["responses"]["429"]["headers"].keys() == {"X-Correlation-Id", "Retry-After"}
     assert "WWW-Authenticate" in post["responses"]["401"]["headers"]

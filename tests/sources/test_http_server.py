@@ -250,6 +250,21 @@ async def test_413_body_and_envelope_count(api: Api):
         assert r.status == 413
 
 
+@pytest.mark.parametrize("api", [{"body_timeout_s": 0.3}], indirect=True)
+async def test_408_when_the_body_trickles_in(api: Api):
+    async def slow():
+        yield b'[{"v": 1, '
+        await asyncio.sleep(2)
+        yield b'"device_id": "po-1"}]'
+
+    t = time.monotonic()
+    async with api.session.post(f"{api.url}/v1/telemetry", data=slow(),
+                                headers={**api.auth(), "Content-Type": "application/json"}) as r:
+        assert r.status == 408 and (await r.json())["reason"] == "body: not received within 0.3 s"
+    assert time.monotonic() - t < 1.5
+    assert api.intake.accepted == []
+
+
 async def test_415_content_type_and_encoding(api: Api):
     for headers in ({"Content-Type": "text/plain"}, {"Content-Type": ""},
                     {"Content-Type": "application/json", "Content-Encoding": "br"}):

@@ -7,6 +7,7 @@ expands past the same limit plus one chunk.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import msgspec
@@ -42,16 +43,21 @@ def media_type(request: web.Request) -> tuple[str, str]:
     return kind, ct
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, at most ``limit`` bytes (413 beyond, before reading when Content-Length says so)."""
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body, at most ``limit`` bytes (413 beyond, before reading when Content-Length
+    says so), received within ``timeout_s`` (408 otherwise: a slow sender holds no handler)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise ApiError(413, f"body: {declared} bytes exceeds the limit of {limit} bytes")
     buf = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError(413, f"body: more than the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                buf += chunk
+                if len(buf) > limit:
+                    raise ApiError(413, f"body: more than the limit of {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"body: not received within {timeout_s:g} s", headers={"Connection": "close"}) from None
     return bytes(buf)
 
 

@@ -1,7 +1,8 @@
 """``POST /v1/telemetry``: answered only once every envelope of the request is committed.
 
 Order of checks (first failure answers): credentials (401/403) and the caller's rate
-limit (429), Content-Type/Content-Encoding (415), intake state (503), body size (413),
+limit (429), Content-Type/Content-Encoding (415), intake state (503), body size (413) and
+time to arrive (408),
 body syntax and envelope count (400/413), every envelope validated like an MQTT payload
 (400, all of them reported with their index), every envelope's ``device_id`` against the
 authenticated device (403, audited, the payload kept in ``rejected``). Only a request
@@ -65,6 +66,7 @@ def _at(i: int | None, reason: str) -> str:
         401: ("No credentials, or unknown/revoked ones.", ErrorBody),
         403: ("An envelope claims another device, the certificate's device is unregistered or revoked, "
               "or the credential is an API key (audited).", ErrorBody),
+        408: ("The body did not arrive within `http.body_timeout_s`.", ErrorBody),
         413: ("Body (or decompressed body) larger than `http.max_body_bytes`, or more envelopes than "
               "`http.max_envelopes_per_request`.", ErrorBody),
         415: ("Content-Type or Content-Encoding not supported.", ErrorBody),
@@ -83,7 +85,7 @@ async def post_telemetry(request: web.Request) -> web.StreamResponse:
     me = principal.device_id
     kind, content_type = media_type(request)
     ctx.check_intake()
-    body = await read_body(request, cfg.max_body_bytes)
+    body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
     if request.headers.get("Content-Encoding", "").strip().lower() in ("gzip", "x-gzip"):
         body = gunzip(body, cfg.max_body_bytes)
     payloads, is_array = split_envelopes(body, kind, cfg.max_envelopes_per_request)
