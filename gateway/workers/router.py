@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _MAX_FRAME = 64 * 1024 * 1024
 _REFUSED_RETRY_S = 0.5
+_PEERS_WAIT_S = 30.0
 
 
 class Forward(msgspec.Struct, tag="f", array_like=True):
@@ -76,6 +77,11 @@ def _frame(msg: Forward | Done) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def _forward_frame(fid: int, raw: RawMessage) -> bytes:
+    return _frame(Forward(fid, raw.payload, raw.source, raw.principal, raw.topic_or_path, raw.received_at_ms,
+                          raw.content_type, raw.topic_device_id, raw.remote_addr))
+
+
 async def _read_frame(reader: asyncio.StreamReader) -> Forward | Done:
     (n,) = _LEN.unpack(await reader.readexactly(4))
     if n > _MAX_FRAME:
@@ -97,11 +103,18 @@ class _Peer:
         self.held: dict[int, RawMessage] = {}  # id -> payload, insertion (forward) order
         self.unsent: deque[int] = deque()
         self.wake = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None  # set while connected and caught up
         self.connected = False
         self.task: asyncio.Task[None] | None = None
 
     def put(self, fid: int, raw: RawMessage) -> None:
         self.held[fid] = raw
+        writer = self.writer
+        if writer is not None and not self.unsent and not writer.is_closing():
+            # at once, not from the sender task: a task step later could let the device's next
+            # payload, read by its owner directly from the broker, overtake this one
+            writer.write(_forward_frame(fid, raw))
+            return
         self.unsent.append(fid)
         self.wake.set()
 
@@ -137,6 +150,7 @@ class _Peer:
                                 extra={"worker": self.index, "held": len(self.held), "error": repr(exc)})
             finally:
                 self.connected = False
+                self.writer = None
                 answers.cancel()
                 writer.close()
 
@@ -151,13 +165,14 @@ class _Peer:
                     fid = self.unsent.popleft()
                     raw = self.held.get(fid)
                     if raw is not None:
-                        chunk.append(_frame(Forward(fid, raw.payload, raw.source, raw.principal, raw.topic_or_path,
-                                                    raw.received_at_ms, raw.content_type, raw.topic_device_id,
-                                                    raw.remote_addr)))
+                        chunk.append(_forward_frame(fid, raw))
                 writer.write(b"".join(chunk))
                 await writer.drain()
                 continue
+            self.writer = writer  # caught up: put() writes new payloads itself
             self.wake.clear()
+            if writer.transport.get_write_buffer_size() > 0:
+                await writer.drain()
             waiter = asyncio.ensure_future(self.wake.wait())
             await asyncio.wait({waiter, answers}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -180,6 +195,81 @@ class _Peer:
         if fid in self.held:
             self.unsent.append(fid)
             self.wake.set()
+
+
+class _OwnerLink(asyncio.Protocol):
+    """One peer's link, owner side. Frames are taken in the I/O callback itself, not in a task,
+    so that a forwarded payload is submitted as early as a payload read from the broker at
+    the same time: each device's order is the order the two workers received them in."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.router._links.add(self)  # noqa: SLF001
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.router._links.discard(self)  # noqa: SLF001
+        self.transport = None  # the sender resends what it still holds
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _answer(self, fid: int):  # noqa: ANN202
+        def on_outcome(o: Outcome) -> None:
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(_frame(Done(fid, o.status, o.ingest_id, o.reason)))
+        return on_outcome
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pipeline = self.router.pipeline
+        pos = 0
+        try:
+            while len(buf) - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > _MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes")
+                if len(buf) - pos - 4 < n:
+                    break
+                msg = _decoder.decode(memoryview(buf)[pos + 4: pos + 4 + n])
+                pos += 4 + n
+                if not isinstance(msg, Forward):
+                    raise ValueError("unexpected frame from a worker")
+                raw = RawMessage(payload=msg.payload, source=msg.source, principal=msg.principal,  # type: ignore[arg-type]
+                                 topic_or_path=msg.topic, received_at_ms=msg.received_at_ms,
+                                 content_type=msg.content_type, topic_device_id=msg.topic_device_id,
+                                 on_outcome=self._answer(msg.id), remote_addr=msg.remote_addr)
+                try:
+                    pipeline.submit(raw)
+                except RuntimeError:  # stopping: the sender keeps it
+                    self.transport.write(_frame(Done(msg.id, "refused")))  # type: ignore[union-attr]
+        except (ValueError, msgspec.DecodeError) as exc:
+            log.error("Bad frame from a worker; closing the link.", extra={"error": str(exc)})
+            self.close()
+            return
+        finally:
+            del buf[:pos]
+        if pipeline.backed_up and not self.paused and self.transport is not None:
+            self.paused = True  # the sender holds them meanwhile, and pauses its own reads
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(0.02, self._maybe_resume)
+
+    def _maybe_resume(self) -> None:
+        if self.transport is None:
+            return
+        if self.router.pipeline.backed_up and not self.router.stopping:
+            asyncio.get_running_loop().call_later(0.02, self._maybe_resume)
+            return
+        self.paused = False
+        self.transport.resume_reading()
 
 
 class Router:
@@ -207,8 +297,7 @@ class Router:
         self._held = 0
         self._peers = {i: _Peer(self, i) for i in range(count) if i != index}
         self._server: asyncio.AbstractServer | None = None
-        self._links: set[asyncio.StreamWriter] = set()
-        self._received = 0  # payloads taken from other workers since start
+        self._links: set[_OwnerLink] = set()
         if hasattr(pipeline, "audit"):
             self.audit = pipeline.audit  # security decisions have no device state: written locally
         self._forwarded = metrics.forwarded
@@ -298,49 +387,26 @@ class Router:
         return raw
 
     # ------------------------------------------------------------------ owner side
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._links.add(writer)
-        pipeline = self.pipeline
-
-        def answer(fid: int):  # noqa: ANN202
-            def on_outcome(o: Outcome) -> None:
-                if not writer.is_closing():
-                    writer.write(_frame(Done(fid, o.status, o.ingest_id, o.reason)))
-            return on_outcome
-
-        try:
-            while True:
-                while pipeline.backed_up and not self.stopping:
-                    await asyncio.sleep(0.02)  # the sender holds them meanwhile, and pauses its own reads
-                msg = await _read_frame(reader)
-                if not isinstance(msg, Forward):
-                    raise ValueError("unexpected frame from a worker")
-                raw = RawMessage(payload=msg.payload, source=msg.source, principal=msg.principal,  # type: ignore[arg-type]
-                                 topic_or_path=msg.topic, received_at_ms=msg.received_at_ms,
-                                 content_type=msg.content_type, topic_device_id=msg.topic_device_id,
-                                 on_outcome=answer(msg.id), remote_addr=msg.remote_addr)
-                try:
-                    pipeline.submit(raw)
-                except RuntimeError:  # stopping: the sender keeps it
-                    writer.write(_frame(Done(msg.id, "refused")))
-                    continue
-                self._received += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the sender went away; it resends what it still holds
-        except (ValueError, msgspec.DecodeError) as exc:
-            log.error("Bad frame from a worker; closing the link.", extra={"error": str(exc)})
-        finally:
-            self._links.discard(writer)
-            writer.close()
+    def _owner_link(self) -> _OwnerLink:
+        return _OwnerLink(self)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Listen on this worker's socket and start the links to the other workers."""
         path = socket_path(self.runtime_dir, self.index)
         path.unlink(missing_ok=True)  # left by a previous run of this worker (killed)
-        self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        self._server = await asyncio.get_running_loop().create_unix_server(self._owner_link, path=str(path))
         for p in self._peers.values():
             p.task = asyncio.create_task(p.run(), name=f"forward-w{p.index}")
+        # Wait (bounded) for the other workers before the sources start: a worker taking a
+        # backlog alone would hold every payload of the others' devices and stall its acks.
+        deadline = time.monotonic() + _PEERS_WAIT_S
+        while not all(p.connected for p in self._peers.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        missing = [p.index for p in self._peers.values() if not p.connected]
+        if missing:
+            log.warning("Starting before every worker is reachable; payloads of their devices are held until they are.",
+                        extra={"worker": self.index, "unreachable": ",".join(map(str, missing))})
         log.info("Worker links up.", extra={"worker": self.index, "workers": self.count, "socket": str(path)})
 
     def stop(self) -> None:
@@ -361,8 +427,8 @@ class Router:
         """Stop listening and close every link (after the local pipeline has drained)."""
         if self._server is not None:
             self._server.close()
-        for w in list(self._links):
-            w.close()
+        for link in list(self._links):
+            link.close()
         for p in self._peers.values():
             if p.task is not None:
                 p.task.cancel()

@@ -37,6 +37,9 @@ log = logging.getLogger("gateway.workers")
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 _STABLE_S = 60.0
+# exit codes of a worker killed by the forwarded signal itself, or interrupted by it (130),
+# before its event loop took over the signals, that is before it took any payload
+_STOPPED_EARLY = {-signal.SIGTERM, -signal.SIGINT, 130}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -109,7 +112,12 @@ def supervise(cfg: GatewayConfig, config_path: str | None) -> int:
                     w.proc = None
                     w.exit_code = rc
                     if stopping:
-                        log.info("Worker exited.", extra={"worker": w.index, "exit_code": rc})
+                        if rc in _STOPPED_EARLY:
+                            # the signal came before the worker installed its handlers: it held nothing
+                            log.info("Worker stopped before taking payloads.", extra={"worker": w.index})
+                            w.exit_code = 0
+                        else:
+                            log.info("Worker exited.", extra={"worker": w.index, "exit_code": rc})
                         continue
                     if rc == 2:
                         log.error("Worker failed to start; stopping all workers.", extra={"worker": w.index})
