@@ -356,3 +356,12 @@ async def test_requests_are_counted_by_status(api: Api):
     value = api.metrics.registry.get_sample_value
     assert value("gateway_http_requests_total", {"status": "202"}) == 1
     assert value("gateway_http_requests_total", {"status": "415"}) == 1
+
+
+async def test_served_routes_are_exactly_the_documented_operations(api: Api):
+    async with api.session.get(f"{api.url}/openapi.json") as r:
+        doc = await r.json()
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    served = {(route.method, route.resource.canonical.replace(":[^/]+", ""))  # type: ignore[union-attr]
+              for route in api.source._app.router.routes() if route.method != "HEAD"}
+    assert served == documented
