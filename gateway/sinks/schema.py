@@ -181,8 +181,20 @@ GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO vitalgate_gateway;
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
+async def _up_to_date(conn: asyncpg.Connection) -> bool:
+    """Every migration recorded: nothing to create, so a role without DDL rights may start too."""
+    if await conn.fetchval("SELECT to_regclass('schema_version') IS NULL"):
+        return False
+    if not await conn.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'timescaledb')"):
+        return False
+    done = {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+    return all(version in done for version, _, _ in MIGRATIONS)
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply pending migrations; return the versions applied (empty when up to date)."""
+    if await _up_to_date(conn):
+        return []
     await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     applied: list[int] = []
     async with conn.transaction():
