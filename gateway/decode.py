@@ -237,7 +237,7 @@ def decode(
     if topic_device_id is not None and dev != topic_device_id:
         raise IdentityError(
             f"device_id: {dev!r} does not match the device id {topic_device_id!r} of the topic", topic_device_id,
-            action="identity.mismatch",
+            action="identity.mismatch", target=dev,
         )
     if callable(default_profile):
         default_profile = default_profile(dev)

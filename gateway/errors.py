@@ -40,12 +40,14 @@ class IdentityError(RejectError):
     """A reject about who sent the envelope, not about its content: it is audited too.
 
     ``action`` is the audit action (``identity.mismatch``, ``device.unregistered``,
-    ``device.revoked``, ``auth.failure``, ``authz.denied``).
+    ``device.revoked``, ``auth.failure``, ``authz.denied``); ``target`` the device the
+    envelope claimed to be, when it is not ``device_id`` (the authenticated one).
     """
 
-    def __init__(self, reason: str, device_id: str | None = None, *, action: str) -> None:
+    def __init__(self, reason: str, device_id: str | None = None, *, action: str, target: str | None = None) -> None:
         super().__init__(reason, device_id)
         self.action = action
+        self.target = target if target is not None else device_id
 
 
 class RegistryError(GatewayError):

@@ -294,7 +294,7 @@ class Pipeline:
                 at_ms=raw.received_at_ms,
                 actor=f"{raw.source}:{raw.principal or 'anonymous'}",
                 action=exc.action,
-                target=exc.device_id,
+                target=exc.target,
                 outcome="denied",
                 source_addr=raw.remote_addr,
                 correlation_id=hashlib.sha256(raw.payload).hexdigest(),  # = rejected.payload_sha256

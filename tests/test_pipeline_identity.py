@@ -87,7 +87,7 @@ async def test_unregistered_revoked_and_spoofed_envelopes_are_rejected_audited_a
     assert [(e.actor, e.action, e.target, e.outcome) for e in sink.audit] == [
         ("mqtt:po-x", "device.unregistered", "po-x", "denied"),
         ("mqtt:po-r", "device.revoked", "po-r", "denied"),
-        ("mqtt:th-1", "identity.mismatch", "th-1", "denied"),
+        ("mqtt:th-1", "identity.mismatch", "po-1", "denied"),  # who (the topic's device) claimed to be whom
     ]
     assert sink.audit[0].correlation_id == hashlib.sha256(cases[1].payload).hexdigest()
     assert sink.audit[0].detail == {"reason": "device_id: 'po-x' is not registered", "source": "mqtt",

@@ -152,7 +152,7 @@ async def _pipeline_case(owner: asyncpg.Connection, gateway_login: str) -> None:
     assert [(a["actor"], a["action"], a["target"], a["outcome"], a["source_addr"]) for a in audit[1:]] == [
         ("mqtt:po-ghost", "device.unregistered", "po-ghost", "denied", "127.0.0.9:5555"),
         ("mqtt:po-rev", "device.revoked", "po-rev", "denied", "127.0.0.9:5555"),
-        ("mqtt:po-rev", "identity.mismatch", "po-rev", "denied", "127.0.0.9:5555"),
+        ("mqtt:po-rev", "identity.mismatch", "po-ok", "denied", "127.0.0.9:5555"),
     ]
     assert [a["correlation_id"] for a in audit[1:]] == [r["h"] for r in rejected]
     assert orjson.loads(audit[1]["detail"])["reason"] == "device_id: 'po-ghost' is not registered"

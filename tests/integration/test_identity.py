@@ -213,7 +213,7 @@ def test_spoofed_unregistered_and_revoked_envelopes_are_all_refused_and_audited(
 
     pub = Publisher(broker.port, protocol=mqtt.MQTTv5)
     stored: list[dict] = []
-    refused: list[tuple[str, bytes, str, str]] = []  # topic device, payload, reason, action
+    refused: list[tuple[str, str, str, str]] = []  # topic device, envelope device, reason, action
     for i in range(25):
         for j, (topic_dev, dev, profile, reason, action) in enumerate(ROUND):
             env = envelope(dev, i * len(ROUND) + j, profile=profile)
@@ -222,7 +222,7 @@ def test_spoofed_unregistered_and_revoked_envelopes_are_all_refused_and_audited(
             if reason is None:
                 stored.append(env)
             else:
-                refused.append((topic_dev, payload, reason, action))
+                refused.append((topic_dev, dev, reason, action))
     pub.wait_acked()
     pub.close()
     wait_for(lambda: count(db_dsn, "SELECT count(*) FROM ingests") == len(stored)
@@ -233,7 +233,7 @@ def test_spoofed_unregistered_and_revoked_envelopes_are_all_refused_and_audited(
         (f"devices/{t}/telemetry", reason, t) for t, _, reason, _ in refused]
     audit = fetch(db_dsn, f"SELECT * FROM audit_log WHERE id > {n_registry_audit} ORDER BY id")
     assert [(a["actor"], a["action"], a["target"], a["outcome"]) for a in audit] == [
-        (f"mqtt:{t}", action, t, "denied") for t, _, _, action in refused]
+        (f"mqtt:{t}", action, dev, "denied") for t, dev, _, action in refused]  # target: the device claimed
     assert [a["correlation_id"] for a in audit] == [bytes(r["payload_sha256"]).hex() for r in rejected]
     assert [orjson.loads(a["detail"])["reason"] for a in audit] == [r["reason"] for r in rejected]
 
