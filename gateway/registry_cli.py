@@ -117,9 +117,20 @@ class _Db:
         await self.conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload[:7000])
 
 
-def _run(args: argparse.Namespace, body: Callable[[_Db, GatewayConfig], Coroutine[Any, Any, None]]) -> int:
+def _run(
+    args: argparse.Namespace,
+    body: Callable[[_Db, GatewayConfig], Coroutine[Any, Any, None]],
+    prepare: Callable[[GatewayConfig], None] | None = None,
+) -> int:
+    """Load the configuration, run ``prepare`` (checks needing no database), connect, run ``body``."""
     cfg = load(args.config)
     prog = f"vitalgate {args.command} {args.action}"
+    if prepare is not None:
+        try:
+            prepare(cfg)
+        except _Exit as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return exc.status
 
     async def main() -> None:
         where = _mask(cfg.database.url)
@@ -160,9 +171,14 @@ def _cmd_devices_add(args: argparse.Namespace) -> int:
     cert = _check_text(args.cert_subject, "--cert-subject")
     note = _check_text(args.note, "--note")
 
-    async def body(db: _Db, cfg: GatewayConfig) -> None:
+    checked: dict[str, str] = {}
+
+    def prepare(cfg: GatewayConfig) -> None:
         directory, known = _profile_names(args, cfg)
-        profile = _check_profile(args.profile, directory, known)
+        checked["profile"] = _check_profile(args.profile, directory, known)
+
+    async def body(db: _Db, cfg: GatewayConfig) -> None:  # noqa: ARG001
+        profile = checked["profile"]
         tok = new_token()
         async with db.conn.transaction():
             try:
@@ -183,7 +199,7 @@ def _cmd_devices_add(args: argparse.Namespace) -> int:
         _say("Its token follows, shown this once: only its hash is stored.")
         print(tok.text)
 
-    return _run(args, body)
+    return _run(args, body, prepare)
 
 
 _DEVICE_COLUMNS = ("device_id", "profile", "status", "created_at", "updated_at", "revoked_at", "token_id",
@@ -324,9 +340,13 @@ def _read_import(path: str, directory: str, known: set[str]) -> list[tuple[int, 
 
 
 def _cmd_devices_import(args: argparse.Namespace) -> int:
-    async def body(db: _Db, cfg: GatewayConfig) -> None:
+    rows: list[tuple[int, str, str]] = []
+
+    def prepare(cfg: GatewayConfig) -> None:
         directory, known = _profile_names(args, cfg)
-        rows = _read_import(args.file, directory, known)
+        rows.extend(_read_import(args.file, directory, known))
+
+    async def body(db: _Db, cfg: GatewayConfig) -> None:  # noqa: ARG001
         ids = [r[1] for r in rows]
         existing = {r[0] for r in await db.conn.fetch("SELECT device_id FROM devices WHERE device_id = ANY($1::text[])", ids)}
         if existing:
@@ -372,7 +392,7 @@ def _cmd_devices_import(args: argparse.Namespace) -> int:
         where = f"; tokens in {args.tokens_out} (mode 0600, shown nowhere else)" if args.tokens_out else "; no tokens"
         _say(f"Imported {len(rows)} devices from {args.file}{where}.")
 
-    return _run(args, body)
+    return _run(args, body, prepare)
 
 
 # ------------------------------------------------------------------------- keys
