@@ -170,6 +170,7 @@ class Registry:
         self._marker: tuple[object, ...] | None = None
         self._notified = asyncio.Event()
         self._lost = asyncio.Event()
+        self._lock = asyncio.Lock()  # one query at a time on the connection (refresh() beside the follower)
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0  # completed loads since start, for tests and logs
 
@@ -239,10 +240,13 @@ class Registry:
         await self._drop_connection()
 
     async def refresh(self) -> None:
-        """Reload now (tests, operators' tools); the periodic refresh does this when something changed."""
+        """Reload now and return once reloaded; raise ``RegistryError`` while disconnected."""
         if self._conn is None:
             raise RegistryError("device registry: not connected")
-        await self._reload("request")
+        try:
+            await self._reload("request")
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise RegistryError(f"device registry: cannot reload it: {exc}") from exc
 
     async def _connect(self) -> None:
         assert self._dsn is not None
@@ -268,8 +272,9 @@ class Registry:
 
     async def _reload(self, why: str) -> None:
         conn = self._conn
-        assert conn is not None
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if conn is None:
+            raise asyncpg.InterfaceError("the registry connection was closed")
+        async with self._lock, conn.transaction(isolation="repeatable_read", readonly=True):
             marker = tuple(await conn.fetchrow(_MARKER))
             rows = await conn.fetch(_LOAD_DEVICES)
             krows = await conn.fetch(_LOAD_KEYS)
@@ -321,7 +326,10 @@ class Registry:
         if self._notified.is_set():
             self._notified.clear()
             await self._reload("notify")
-        elif tuple(await conn.fetchrow(_MARKER)) != self._marker:
+            return
+        async with self._lock:
+            marker = tuple(await conn.fetchrow(_MARKER))
+        if marker != self._marker:
             await self._reload("refresh")
 
 

@@ -70,6 +70,7 @@ async def test_device_lifecycle_reaches_a_running_registry_and_is_audited(cli, d
         assert token.startswith("vgd_") and len(out.splitlines()) == 1  # stdout holds the token alone
         assert "shown this once" in err
         await await_for(lambda: reg.device("po-1"), timeout=10, message="po-1 in the registry after NOTIFY")
+        await asyncio.gather(*(reg.refresh() for _ in range(3)))  # beside the follower, on the same connection
         assert reg.authenticate_token(token).device_id == "po-1"
         assert reg.profile_of("po-1") == "pulse_oximeter"
 
@@ -231,3 +232,19 @@ async def test_api_keys_add_list_revoke(cli, db_dsn):
 async def test_registry_commands_need_the_migrated_schema(cli):
     rc, _, err = await cli("devices", "list")
     assert rc == 2 and 'relation "devices" does not exist' in err and "run `vitalgate db migrate` first" in err
+
+
+async def test_changes_made_without_notify_are_found_by_the_periodic_check(cli, db_dsn):
+    await _migrated(cli)
+    reg = Registry(refresh_s=0.2)
+    await reg.start(db_dsn)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("INSERT INTO devices (device_id, profile) VALUES ('po-sql', 'thermometer')")
+        await await_for(lambda: reg.profile_of("po-sql") == "thermometer", timeout=10, message="po-sql found")
+        await conn.execute("UPDATE devices SET status = 'revoked', revoked_at = now(), updated_at = now()"
+                           " WHERE device_id = 'po-sql'")
+        await await_for(lambda: reg.device("po-sql").status == "revoked", timeout=10, message="po-sql revoked")
+    finally:
+        await conn.close()
+        await reg.close()
