@@ -19,6 +19,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -125,17 +126,21 @@ async def run(readings: int, modes: list[str], counts: list[int], fsync: bool = 
     raw: list[dict[str, Any]] = []
     try:
         for n in counts:
-            print(f"workers: {n} worker(s) ...", file=sys.stderr)
-            cfg = e2e.E2EConfig(readings=readings, modes=modes, raw_repeats=1, bare_subscriber=False, fsync=fsync,
-                                gateway_env={"VITALGATE_WORKERS": str(n)})
-            with _GatewayCpu() as cpu:
-                results = await e2e.run(cfg, services)
-            rows += _summary(n, results, cpu)
-            raw.append({"workers": n, "raw_copy": results.get("raw_copy")})
-            for r in results["runs"]:  # the next worker count starts on fresh databases of the same names
-                name = r.get("database") or f"bench_{r.get('mode')}"
-                if pg.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").strip():
-                    pg.drop_database(name)
+            for mode in modes:
+                print(f"workers: {n} worker(s), {mode} ...", file=sys.stderr)
+                # A share group of its own per run: the persistent sessions of an earlier run's
+                # workers stay members of their group and would take their share of this load.
+                env = {"VITALGATE_WORKERS": str(n), "VITALGATE_MQTT_SHARE_GROUP": f"bench-{n}-{mode}-{uuid.uuid4().hex[:6]}"}
+                cfg = e2e.E2EConfig(readings=readings, modes=[mode], raw_repeats=1, bare_subscriber=False, fsync=fsync,
+                                    gateway_env=env)
+                with _GatewayCpu() as cpu:
+                    results = await e2e.run(cfg, services)
+                rows += _summary(n, results, cpu)
+                raw.append({"workers": n, "mode": mode, "raw_copy": results.get("raw_copy")})
+                for r in results["runs"]:  # the next run starts on a fresh database of the same name
+                    name = r.get("database") or f"bench_{mode}"
+                    if pg.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").strip():
+                        pg.drop_database(name)
     finally:
         e2e.stop_services(pg, mq, work)
     return {"bench": "workers", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
