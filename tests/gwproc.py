@@ -134,10 +134,12 @@ class Publisher:
 
     def __init__(self, port: int, *, protocol: int = mqtt.MQTTv311, client_id: str = "", username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, reconnect_delay_s: float | None = None) -> None:
         """``username``/``password``: broker credentials; ``tls_ca``: connect with TLS trusting this CA
         (``tls_cert``/``tls_key``: a client certificate). ``connack`` and ``puback_reasons`` (mid ->
-        reason code, MQTT 5 tells refusals apart) record what the broker answered."""
+        reason code, MQTT 5 tells refusals apart) record what the broker answered.
+        ``reconnect_delay_s``: paho's first reconnect delay (default 1 s), which ``close()`` may
+        wait out when the broker dropped the connection."""
         self.protocol = protocol
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         self.client.max_inflight_messages_set(500)
@@ -146,6 +148,8 @@ class Publisher:
         self.puback_reasons: dict[int, object] = {}
         self.client.on_connect = lambda _c, _u, _f, rc, _p: setattr(self, "connack", rc)
         self.client.on_publish = lambda _c, _u, mid, rc, _p: self.puback_reasons.__setitem__(mid, rc)
+        if reconnect_delay_s is not None:
+            self.client.reconnect_delay_set(reconnect_delay_s, max(reconnect_delay_s, 1))  # type: ignore[arg-type]
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls_ca is not None:

@@ -41,6 +41,11 @@ def envelope(device: str, i: int, *, profile: bool = True) -> dict:
     return env
 
 
+def publisher(port: int, **kw: object) -> Publisher:
+    """A Publisher whose close() does not wait out paho's 1 s reconnect delay after the broker refused it."""
+    return Publisher(port, reconnect_delay_s=0.1, **kw)  # type: ignore[arg-type]
+
+
 def registry_cli(monkeypatch: pytest.MonkeyPatch, dsn: str, *argv: str) -> int:
     """`vitalgate ...` in this process, configured by the environment like an operator's shell."""
     for var in [v for v in os.environ if v.startswith("VITALGATE_")]:
@@ -92,7 +97,7 @@ def test_the_broker_acl_lets_a_device_publish_only_its_own_topic(tmp_path, db_ds
         # no credentials, wrong password, plain port without credentials: refused at CONNECT
         for kw in ({"tls_ca": str(ca_pem)}, {"tls_ca": str(ca_pem), "username": "po-a", "password": "secret-b"}, {}):
             port = broker.port if not kw else broker.tls_port
-            p = Publisher(port, protocol=mqtt.MQTTv5, **kw)
+            p = publisher(port, protocol=mqtt.MQTTv5, **kw)
             assert p.wait_connected().is_failure, kw
             p.close()
 
@@ -101,7 +106,7 @@ def test_the_broker_acl_lets_a_device_publish_only_its_own_topic(tmp_path, db_ds
         # a plain one), drops the message and then closes the connection.
         spoof = orjson.dumps(envelope("po-b", 1))
         for proto, cid, answer in ((mqtt.MQTTv5, "po-a-v5", "Not authorized"), (mqtt.MQTTv311, "po-a-v311", "Success")):
-            p = Publisher(broker.tls_port, protocol=proto, client_id=cid, username="po-a", password="secret-a",
+            p = publisher(broker.tls_port, protocol=proto, client_id=cid, username="po-a", password="secret-a",
                           tls_ca=str(ca_pem))
             assert not p.wait_connected().is_failure
             p.publish("devices/po-b/telemetry", spoof)
@@ -114,7 +119,7 @@ def test_the_broker_acl_lets_a_device_publish_only_its_own_topic(tmp_path, db_ds
         assert "Denied PUBLISH from po-a-v5 (d0, q1, r0, m1, 'devices/po-b/telemetry'" in log
         assert "Denied PUBLISH from po-a-v311 (d0, q1, r0, m1, 'devices/po-b/telemetry'" in log
         # then A on its own topic: stored, and it arrives after the refused ones would have
-        own = Publisher(broker.tls_port, client_id="po-a-own", username="po-a", password="secret-a", tls_ca=str(ca_pem))
+        own = publisher(broker.tls_port, client_id="po-a-own", username="po-a", password="secret-a", tls_ca=str(ca_pem))
         assert not own.wait_connected().is_failure
         own.publish("devices/po-a/telemetry", orjson.dumps(envelope("po-a", 2)))
         own.wait_acked()
@@ -158,23 +163,23 @@ def test_a_device_certificate_is_its_broker_identity(tmp_path, db_dsn, gateways,
         # no client certificate, or one the broker's CA did not sign: the TLS handshake fails (TLS 1.3:
         # after the client's side completed), and no CONNACK ever comes
         for cert, error in ((None, "peer did not return a certificate"), (str(stranger), "certificate verify failed")):
-            p = Publisher(broker.tls_port, protocol=mqtt.MQTTv5, tls_ca=str(ca_pem), tls_cert=cert)
+            p = publisher(broker.tls_port, protocol=mqtt.MQTTv5, tls_ca=str(ca_pem), tls_cert=cert)
             wait_for(lambda error=error: f"SSL routines::{error}" in broker.log_tail(100), timeout=10,
                      message=lambda: broker.log_tail())
             assert p.connack is None
             p.close()
-        anonymous = Publisher(broker.port, protocol=mqtt.MQTTv5)  # the plain listener: no identity, refused
+        anonymous = publisher(broker.port, protocol=mqtt.MQTTv5)  # the plain listener: no identity, refused
         assert anonymous.wait_connected().is_failure
         anonymous.close()
 
-        dev = Publisher(broker.tls_port, protocol=mqtt.MQTTv5, client_id="po-a-cert", tls_ca=str(ca_pem),
+        dev = publisher(broker.tls_port, protocol=mqtt.MQTTv5, client_id="po-a-cert", tls_ca=str(ca_pem),
                         tls_cert=str(files["po-a"]))
         assert not dev.wait_connected().is_failure
         dev.publish("devices/po-b/telemetry", orjson.dumps(envelope("po-b", 1)))
         dev.wait_acked()
         assert [rc.getName() for rc in dev.puback_reasons.values()] == ["Not authorized"]  # type: ignore[attr-defined]
         dev.close()
-        dev = Publisher(broker.tls_port, protocol=mqtt.MQTTv5, client_id="po-a-cert2", tls_ca=str(ca_pem),
+        dev = publisher(broker.tls_port, protocol=mqtt.MQTTv5, client_id="po-a-cert2", tls_ca=str(ca_pem),
                         tls_cert=str(files["po-a"]))
         own = envelope("po-a", 2)
         dev.publish("devices/po-a/telemetry", orjson.dumps(own))
