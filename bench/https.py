@@ -14,8 +14,8 @@ duplicates). Then the raw binary COPY of the identical rows into a fresh identic
 hypertable (``bench.rawcopy``, one connection, median of 3) and the ratio gateway / raw
 COPY, the MQTT bench's yardstick.
 
-    python -m bench.https                          # 30,000 envelopes, 300,000 readings
-    python -m bench.https --envelopes 100000 --clients 2 --connections 32 --batch 50
+    python -m bench.https                          # 100,000 envelopes, 1,000,000 readings
+    python -m bench.https --envelopes 30000 --clients 2 --connections 32 --batch 50
 
 Results: a table on stdout and ``bench/results/<stamp>-https.json``.
 """
@@ -52,11 +52,11 @@ RESULTS_DIR = REPO / "bench" / "results"
 
 @dataclass
 class HttpsBenchConfig:
-    envelopes: int = 30_000
+    envelopes: int = 100_000
     devices: int = 100
     batch: int = 50  # envelopes per request
     clients: int = 2  # client processes
-    connections: int = 32  # keep-alive connections per client process
+    connections: int = 64  # keep-alive connections per client process
     fsync: bool = True
     raw_repeats: int = 3
     rows_per_copy: int = 5000
