@@ -148,6 +148,10 @@ class _Peer:
                 if self.held:
                     log.warning("Link to worker lost; holding its payloads.",
                                 extra={"worker": self.index, "held": len(self.held), "error": repr(exc)})
+            except Exception as exc:  # noqa: BLE001 - a bad frame: drop the link, keep the payloads, reconnect
+                log.error("Bad answer from a worker; reconnecting.",
+                          extra={"worker": self.index, "held": len(self.held), "error": repr(exc)})
+                await asyncio.sleep(backoff.next_delay())
             finally:
                 self.connected = False
                 self.writer = None
