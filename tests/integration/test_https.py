@@ -31,9 +31,9 @@ import pytest
 import pytest_asyncio
 import trustme
 
-from tests.gwproc import REPO
+from tests.gwproc import REPO, Publisher
 from tests.integration.https_support import HttpsGateway
-from tests.services import PostgresCluster
+from tests.services import Mosquitto, PostgresCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -457,6 +457,50 @@ def _log_says(g: HttpsGateway, text: str):  # noqa: ANN202
         return text in g.proc.log_text()
     says.__name__ = f"log line {text!r}"
     return says
+
+
+# ------------------------------------------------------------------ both transports
+
+
+async def test_mqtt_and_https_in_one_gateway_share_validation_dedupe_and_provenance(
+        pg_cluster: PostgresCluster, broker: Mosquitto):
+    """One gateway with both sources: the same envelope bytes arrive over MQTT and then over
+    HTTPS and are stored once (the 202 names the MQTT copy's ingest id); provenance says
+    which transport stored it and who sent it."""
+    name = f"https_mq_{time.monotonic_ns() % 10**8}"
+    dsn = pg_cluster.create_database(name)
+    g = HttpsGateway(Path(tempfile.mkdtemp(prefix="vitalgate-https-mq-")), dsn, ["both-1"],
+                     settings={"VITALGATE_MQTT_ENABLED": "true", "VITALGATE_MQTT_URL": broker.url,
+                               "VITALGATE_MQTT_CLIENT_ID": f"gw-both-{time.monotonic_ns()}"})
+    try:
+        g.start()
+        await _until(_log_says(g, "Subscribed."))
+        check = await asyncpg.connect(dsn)
+        try:
+            first, second = (orjson.dumps(envelope("both-1", s)) for s in (1, 2))
+            pub = Publisher(broker.port)
+            pub.publish("devices/both-1/telemetry", first)
+            pub.wait_acked()
+            pub.close()
+
+            async def mqtt_stored() -> bool:
+                return await check.fetchval("SELECT count(*) FROM ingests WHERE source = 'mqtt'") == 1
+            await _until(mqtt_stored)
+            mqtt_id = await check.fetchval("SELECT id FROM ingests WHERE source = 'mqtt'")
+            async with aiohttp.ClientSession(base_url=g.url, connector=aiohttp.TCPConnector(ssl=g.ssl_context())) as s:
+                status, ans, _ = await post(s, None, token=g.tokens["both-1"], data=b"[" + first + b"," + second + b"]")
+            assert status == 202, ans
+            assert [(r["status"], r["ingest_id"] == mqtt_id) for r in ans["results"]] == [("duplicate", True),
+                                                                                        ("stored", False)]
+            rows = await check.fetch("SELECT source, principal, topic_or_path FROM ingests ORDER BY id")
+            assert [tuple(r) for r in rows] == [("mqtt", "both-1", "devices/both-1/telemetry"),
+                                                 ("https", g.tokens["both-1"].split("_")[1], "/v1/telemetry")]
+            assert await readings_of(check, "both-1") == 20
+        finally:
+            await check.close()
+    finally:
+        g.stop()
+        pg_cluster.drop_database(name)
 
 
 # ------------------------------------------------------------------ workers
