@@ -14,23 +14,17 @@ worker owning its device commits independently of local batches. After a reconne
 acks for messages of the previous connection are skipped: the broker redelivers them,
 and the pipeline stores them once (envelope-level dedupe).
 
-Memory: socket reads pause (the reader is taken off the event loop, so the kernel and
-then the broker hold the backlog) while the intake holds its budget of payload bytes
-(``backed_up``) or the process's resident memory is above 90% of ``max_memory_bytes``,
-and resume once the held bytes are under 75% of the budget and resident memory under
-80%. While paused the client still sends PINGREQs and PUBACKs; it cannot read PINGRESPs
-queued behind unread PUBLISH packets, so its own keepalive timeout is suspended until
-reads resume (the broker's side of keepalive is met by the PINGREQs).
+Memory: socket reads pause while the intake holds its budget of payload bytes or the
+process's resident memory nears ``max_memory_bytes`` (``mqtt_flow.ReadGate``), so the
+kernel and then the broker hold the backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -46,8 +40,9 @@ from gateway.model import AlertEvent, RawMessage
 from gateway.retry import Backoff
 from gateway.sources import Submit
 from gateway.sources import paho_speed
+from gateway.sources.mqtt_flow import OrderedAcks, ReadGate, resident_bytes
 
-__all__ = ["MqttSource", "OrderedAcks", "parse_url", "resident_bytes"]
+__all__ = ["MqttSource", "OrderedAcks", "parse_url", "resident_bytes"]  # the last two from mqtt_flow
 
 log = logging.getLogger(__name__)
 
@@ -63,64 +58,6 @@ def parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return host, port, tls, user, password
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_SAMPLE_S = 0.1  # how often resident memory and the held bytes are looked at while connected
-_PAUSE_AT, _RESUME_HELD, _RESUME_RSS = 0.9, 0.75, 0.8  # watermarks (fractions of the bounds)
-_LOG_EVERY_S = 10.0  # pause/resume log lines at most this often
-
-
-def resident_bytes() -> int:
-    """This process's resident set size, from ``/proc/self/statm`` (a few microseconds)."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def _noop_send(_mid: int, _qos: int) -> None:
-    pass
-
-
-class OrderedAcks:
-    """PUBACKs of one connection in arrival order, whatever order the commits complete in.
-
-    ``track(mid, qos)`` is called as each message arrives and returns its ``ack``
-    callable; calling it marks the message done and sends every acknowledgement from
-    the oldest pending message up to the first one still waiting. ``close()`` (the
-    connection is gone) turns every outstanding ``ack`` into a no-op: the broker
-    redelivers those messages on the next connection.
-    """
-
-    __slots__ = ("_send", "_pending")
-
-    def __init__(self, send: Callable[[int, int], object]) -> None:
-        self._send = send
-        self._pending: deque[list] = deque()  # [mid, qos, done], arrival order
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def track(self, mid: int, qos: int) -> Callable[[], None]:
-        slot = [mid, qos, False]
-        pending = self._pending
-        pending.append(slot)
-
-        def ack() -> None:
-            slot[2] = True
-            if pending and pending[0] is slot:
-                self._flush()
-
-        return ack
-
-    def _flush(self) -> None:
-        pending, send = self._pending, self._send
-        while pending and pending[0][2]:
-            mid, qos, _ = pending.popleft()
-            send(mid, qos)
-
-    def close(self) -> None:
-        self._send = _noop_send
-        self._pending.clear()
 
 
 class MqttSource:
@@ -151,19 +88,9 @@ class MqttSource:
         self._client_id = client_id
         self._submit = submit
         self._metrics = metrics
-        self._backed_up = backed_up or (lambda: False)
-        self._held_fraction = held_fraction or (lambda: 0.0)
-        self._max_memory = max_memory_bytes
+        self._gate = ReadGate(metrics, backed_up or (lambda: False), held_fraction or (lambda: 0.0), max_memory_bytes)
         self._subscription = f"$share/{share_group}/{cfg.topic}" if share_group else cfg.topic
-        self._acks = OrderedAcks(_noop_send)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sock: object | None = None  # paho's socket while connected
-        self._reader_off = False  # our reader is taken off the loop (reads paused)
-        self._paused: str | None = None  # why intake is paused: "held" | "memory" | None
-        self._paused_at = 0.0
-        self._pauses = 0  # pauses since the last pause log line
-        self._last_log = -_LOG_EVERY_S
-        self._rss = 0
+        self._acks = OrderedAcks(lambda _mid, _qos: None)
         self._host, self._port, self._tls, user, password = parse_url(cfg.url)
         self._user = cfg.username or user
         self._password = cfg.password or password
@@ -213,137 +140,9 @@ class MqttSource:
         inner.manual_ack_set(True)  # before connecting: redelivered messages arrive right after CONNACK
         inner.on_message = self._on_message
         inner.disable_logger()
-        paho_speed.buffer_reads(inner, keep_reading=lambda: not self._reader_off)
-        self._hook_socket(client, inner)
+        paho_speed.buffer_reads(inner, keep_reading=self._gate.reading)
+        self._gate.hook(client, inner)
         return client
-
-    # ------------------------------------------------------------ pausing reads
-    def _hook_socket(self, client: aiomqtt.Client, inner: paho.Client) -> None:
-        """Know paho's socket (to take its reader off the loop) and keep keepalive alive while paused.
-
-        aiomqtt 2.5.1 registers ``loop.add_reader(sock, callback)`` in its ``on_socket_open``
-        and removes it in ``on_socket_close``; its ``_misc_loop`` calls ``loop_misc()`` once a
-        second, which sends PINGREQs and closes the connection when no byte arrived within
-        the keepalive. Both hooks are wrapped here, nothing else is changed.
-        """
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        opened, closed = inner.on_socket_open, inner.on_socket_close
-
-        def on_open(c: paho.Client, userdata: object, sock: object) -> None:
-            opened(c, userdata, sock)  # schedules aiomqtt's add_reader; ours runs after it
-            loop.call_soon_threadsafe(self._socket_opened, client, sock)
-
-        def on_close(c: paho.Client, userdata: object, sock: object) -> None:
-            self._sock = None
-            closed(c, userdata, sock)
-
-        inner.on_socket_open = on_open
-        inner.on_socket_close = on_close
-        misc = inner.loop_misc
-
-        def loop_misc() -> paho.MQTTErrorCode:
-            if self._reader_off:
-                # Unread bytes are ours to read later, not a silent broker: restart paho's
-                # no-bytes-received clock so that it keeps sending PINGREQs and does not close.
-                with inner._msgtime_mutex:  # noqa: SLF001
-                    inner._last_bytes_received = paho.time_func()  # noqa: SLF001
-                inner._ping_t = 0  # noqa: SLF001
-            return misc()
-
-        inner.loop_misc = loop_misc  # type: ignore[method-assign]
-
-    def _socket_opened(self, client: aiomqtt.Client, sock: object) -> None:
-        if client is not self._client or sock.fileno() < 0:  # type: ignore[attr-defined]
-            return  # a connection that is already gone again
-        self._sock = sock
-        self._reader_off = False
-        if self._paused:
-            self._reads_off()
-
-    def _reads_off(self) -> None:
-        sock = self._sock
-        if sock is not None and not self._reader_off and self._loop is not None and sock.fileno() >= 0:  # type: ignore[attr-defined]
-            self._loop.remove_reader(sock.fileno())  # type: ignore[attr-defined]
-            self._reader_off = True
-
-    def _reads_on(self) -> None:
-        sock, client = self._sock, self._client
-        if sock is None or client is None or not self._reader_off or self._loop is None:
-            return
-        if sock.fileno() < 0:  # type: ignore[attr-defined]
-            self._reader_off = False
-            return
-        inner = client._client  # noqa: SLF001
-        with inner._msgtime_mutex:  # noqa: SLF001
-            inner._last_bytes_received = paho.time_func()  # noqa: SLF001
-        inner._ping_t = 0  # noqa: SLF001
-        self._reader_off = False
-
-        def read_ready() -> None:  # the same as aiomqtt's reader callback
-            try:
-                while True:
-                    inner.loop_read()
-                    if hasattr(inner._sock, "pending") and inner._sock.pending() > 0:  # type: ignore[union-attr] # noqa: SLF001
-                        continue
-                    break
-            except Exception as exc:  # noqa: BLE001 - a broken connection: aiomqtt reconnects
-                if not client._disconnected.done():  # noqa: SLF001
-                    client._disconnected.set_exception(exc)  # noqa: SLF001
-
-        self._loop.add_reader(sock.fileno(), read_ready)  # type: ignore[attr-defined]
-        self._loop.call_soon(read_ready)  # packets already in the read buffer: the socket will not signal them
-
-    def _pause(self, why: str) -> None:
-        self._paused = why
-        self._paused_at = time.monotonic()
-        self._pauses += 1
-        self._metrics.intake_paused.set(1)
-        self._reads_off()
-        now = self._paused_at
-        if now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            log.warning(
-                "Intake paused; the broker holds the backlog.",
-                extra={"reason": "pending payloads at budget" if why == "held" else "resident memory near the bound",
-                       "held_fraction": round(self._held_fraction(), 2), "rss_mib": self._rss >> 20,
-                       "max_memory_mib": self._max_memory >> 20, "pauses": self._pauses},
-            )
-            self._pauses = 0
-
-    def _resume(self) -> None:
-        paused_s = time.monotonic() - self._paused_at
-        self._paused = None
-        self._metrics.intake_paused.set(0)
-        self._reads_on()
-        if paused_s >= 1.0 or time.monotonic() - self._last_log >= _LOG_EVERY_S:
-            self._last_log = time.monotonic()
-            log.info("Intake resumed.", extra={"paused_s": round(paused_s, 1), "rss_mib": self._rss >> 20})
-
-    def _govern(self) -> None:
-        """Pause or resume reads from the held bytes and resident memory (every ``_SAMPLE_S``)."""
-        held = self._held_fraction()
-        rss = self._rss = resident_bytes() if self._max_memory else 0
-        high = self._max_memory and rss >= _PAUSE_AT * self._max_memory
-        if self._paused is None:
-            if self._backed_up():
-                self._pause("held")
-            elif high and held > 0:
-                self._pause("memory")
-            return
-        if self._backed_up() or held >= _RESUME_HELD:
-            return
-        if self._max_memory and rss >= _RESUME_RSS * self._max_memory and held > 0:
-            return  # payloads are still being written: what they hold is what pausing frees
-        if self._paused == "memory" and held == 0 and rss >= _RESUME_RSS * self._max_memory:
-            log.warning("Resident memory stays near the bound with no payload held; reading on.",
-                        extra={"rss_mib": rss >> 20, "max_memory_mib": self._max_memory >> 20})
-        self._resume()
-
-    async def _governor(self) -> None:
-        while True:
-            await asyncio.sleep(_SAMPLE_S)
-            self._govern()
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         if not self._taking:
@@ -371,8 +170,7 @@ class MqttSource:
                 ack=ack,
             )
         )
-        if self._paused is None and self._backed_up():
-            self._pause("held")
+        self._gate.after_take()
 
     def stop_intake(self) -> None:
         self._taking = False
@@ -392,7 +190,7 @@ class MqttSource:
             self._generation += 1
             self._acks.close()
             self._acks = OrderedAcks(client._client.ack)  # noqa: SLF001
-            governor = asyncio.create_task(self._governor(), name="mqtt-intake-governor")
+            governor = asyncio.create_task(self._gate.govern(), name="mqtt-intake-governor")
             try:
                 async with client:
                     self._connected = True

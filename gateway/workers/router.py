@@ -8,9 +8,8 @@ reports its outcome (after commit); only then are its ``ack`` and ``on_outcome``
 A held payload is never dropped: while its owner is unreachable (restarting) it waits
 and is sent again on reconnect; the owner's dedupe stores a resent envelope once.
 
-Frames are a 4-byte big-endian length, then a MessagePack ``Forward`` or ``Done``.
-``Done.status`` is an ``Outcome`` status, or ``refused`` when the owner is shutting
-down (the sender sends it again later, or leaves it unacknowledged with the broker).
+The frames are in ``frames.py``. A ``refused`` answer (the owner is shutting down) is
+sent again later, or left unacknowledged with the broker if this worker stops too.
 
 Backpressure: the owner stops reading frames while its pipeline is backed up; the
 sender counts held payload bytes with its pipeline's (``held_fraction``), so its
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections import deque
 from pathlib import Path
@@ -34,63 +32,16 @@ from gateway.model import AuditEvent, Outcome, RawMessage
 from gateway.pipeline import Pipeline
 from gateway.retry import Backoff
 from gateway.workers import owner_of
+from gateway.workers.frames import (
+    HEADER, MAX_FRAME, Done, Forward, decoder, forward_frame, frame, read_frame, socket_path,
+)
 
-__all__ = ["Router", "Forward", "Done", "socket_path"]
+__all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct(">I")
-_MAX_FRAME = 64 * 1024 * 1024
 _REFUSED_RETRY_S = 0.5
 _PEERS_WAIT_S = 30.0
-
-
-class Forward(msgspec.Struct, tag="f", array_like=True):
-    """A payload for the worker owning its device, with what the receiving transport knew."""
-
-    id: int
-    payload: bytes
-    source: str
-    principal: str | None
-    topic: str
-    received_at_ms: int
-    content_type: str | None
-    topic_device_id: str | None
-    remote_addr: str | None
-
-
-class Done(msgspec.Struct, tag="d", array_like=True):
-    """The owner's answer for one ``Forward``: its committed outcome, or ``refused``."""
-
-    id: int
-    status: str
-    ingest_id: int | None = None
-    reason: str | None = None
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Forward | Done)
-
-
-def _frame(msg: Forward | Done) -> bytes:
-    body = _encoder.encode(msg)
-    return _LEN.pack(len(body)) + body
-
-
-def _forward_frame(fid: int, raw: RawMessage) -> bytes:
-    return _frame(Forward(fid, raw.payload, raw.source, raw.principal, raw.topic_or_path, raw.received_at_ms,
-                          raw.content_type, raw.topic_device_id, raw.remote_addr))
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> Forward | Done:
-    (n,) = _LEN.unpack(await reader.readexactly(4))
-    if n > _MAX_FRAME:
-        raise ValueError(f"frame of {n} bytes")
-    return _decoder.decode(await reader.readexactly(n))
-
-
-def socket_path(runtime_dir: str | Path, index: int) -> Path:
-    return Path(runtime_dir) / f"w{index}.sock"
 
 
 class _Peer:
@@ -113,7 +64,7 @@ class _Peer:
         if writer is not None and not self.unsent and not writer.is_closing():
             # at once, not from the sender task: a task step later could let the device's next
             # payload, read by its owner directly from the broker, overtake this one
-            writer.write(_forward_frame(fid, raw))
+            writer.write(forward_frame(fid, raw))
             return
         self.unsent.append(fid)
         self.wake.set()
@@ -169,7 +120,7 @@ class _Peer:
                     fid = self.unsent.popleft()
                     raw = self.held.get(fid)
                     if raw is not None:
-                        chunk.append(_forward_frame(fid, raw))
+                        chunk.append(forward_frame(fid, raw))
                 writer.write(b"".join(chunk))
                 await writer.drain()
                 continue
@@ -184,7 +135,7 @@ class _Peer:
     async def _answers(self, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            msg = await _read_frame(reader)
+            msg = await read_frame(reader)
             if not isinstance(msg, Done):
                 raise ValueError("unexpected frame from the owner")
             if msg.status == "refused":
@@ -228,7 +179,7 @@ class _OwnerLink(asyncio.Protocol):
         def on_outcome(o: Outcome) -> None:
             t = self.transport
             if t is not None and not t.is_closing():
-                t.write(_frame(Done(fid, o.status, o.ingest_id, o.reason)))
+                t.write(frame(Done(fid, o.status, o.ingest_id, o.reason)))
         return on_outcome
 
     def data_received(self, data: bytes) -> None:
@@ -238,12 +189,12 @@ class _OwnerLink(asyncio.Protocol):
         pos = 0
         try:
             while len(buf) - pos >= 4:
-                (n,) = _LEN.unpack_from(buf, pos)
-                if n > _MAX_FRAME:
+                (n,) = HEADER.unpack_from(buf, pos)
+                if n > MAX_FRAME:
                     raise ValueError(f"frame of {n} bytes")
                 if len(buf) - pos - 4 < n:
                     break
-                msg = _decoder.decode(memoryview(buf)[pos + 4: pos + 4 + n])
+                msg = decoder.decode(memoryview(buf)[pos + 4: pos + 4 + n])
                 pos += 4 + n
                 if not isinstance(msg, Forward):
                     raise ValueError("unexpected frame from a worker")
@@ -254,7 +205,7 @@ class _OwnerLink(asyncio.Protocol):
                 try:
                     pipeline.submit(raw)
                 except RuntimeError:  # stopping: the sender keeps it
-                    self.transport.write(_frame(Done(msg.id, "refused")))  # type: ignore[union-attr]
+                    self.transport.write(frame(Done(msg.id, "refused")))  # type: ignore[union-attr]
         except (ValueError, msgspec.DecodeError) as exc:
             log.error("Bad frame from a worker; closing the link.", extra={"error": str(exc)})
             self.close()

@@ -28,7 +28,7 @@ import time
 
 from gateway.config import GatewayConfig
 from gateway.workers import ENV_DIR, ENV_INDEX
-from gateway.workers.router import socket_path
+from gateway.workers.frames import socket_path
 
 __all__ = ["supervise"]
 
