@@ -307,6 +307,19 @@ async def test_stop_intake_closes_the_port_and_answers_open_connections_503(api:
             await fresh.post(f"{api.url}/v1/telemetry", data=b"{}")
 
 
+@pytest.mark.parametrize("api", [{"commit_timeout_s": 30.0}], indirect=True)
+async def test_close_answers_requests_still_waiting_with_503(api: Api):
+    """The drain ended before their commit: they get 503 (retry is safe), not a hang."""
+    api.intake.hold = True
+    task = asyncio.create_task(api.post(env(seq=3)))
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    api.source.stop_intake()
+    await api.source.close()
+    status, body, r = await asyncio.wait_for(task, 5)
+    assert status == 503 and "not confirmed" in body["reason"] and r.headers["Retry-After"] == "1"
+
+
 async def test_correlation_id_is_taken_only_when_sane(api: Api):
     _, body, r = await api.post(env(), headers={"X-Correlation-Id": "abc.DEF-1:2"})
     assert r.headers["X-Correlation-Id"] == body["correlation_id"] == "abc.DEF-1:2"
