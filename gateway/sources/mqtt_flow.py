@@ -115,6 +115,7 @@ class ReadGate:
         self._pauses = 0  # pauses since the last pause log line
         self._last_log = -_LOG_EVERY_S
         self._rss = 0
+        self._memory_stuck = False  # resident memory stayed high with nothing held: no memory pauses
 
     def reading(self) -> bool:
         """False while reads are paused (``paho_speed.buffer_reads`` stops its drain then)."""
@@ -233,19 +234,25 @@ class ReadGate:
         held = self._held_fraction()
         rss = self._rss = resident_bytes() if self._max_memory else 0
         high = self._max_memory and rss >= _PAUSE_AT * self._max_memory
+        if self._memory_stuck and rss < _RESUME_RSS * self._max_memory:
+            self._memory_stuck = False
         if self._paused is None:
             if self._backed_up():
                 self.pause("held")
-            elif high and held > 0:
+            elif high and held > 0 and not self._memory_stuck:
                 self.pause("memory")
             return
         if self._backed_up() or held >= _RESUME_HELD:
             return
-        if self._max_memory and rss >= _RESUME_RSS * self._max_memory and held > 0:
+        if self._max_memory and not self._memory_stuck and rss >= _RESUME_RSS * self._max_memory and held > 0:
             return  # payloads are still being written: what they hold is what pausing frees
         if self._paused == "memory" and held == 0 and rss >= _RESUME_RSS * self._max_memory:
-            log.warning("Resident memory stays near the bound with no payload held; reading on.",
-                        extra={"rss_mib": rss >> 20, "max_memory_mib": self._max_memory >> 20})
+            # Memory the process keeps with nothing held (allocator, caches) is not what a
+            # pause frees: stop pausing for memory until it is under the low watermark again;
+            # the payload budget still bounds what is held.
+            self._memory_stuck = True
+            log.warning("Resident memory stays near the bound with no payload held; reading on, bounded by "
+                        "the payload budget.", extra={"rss_mib": rss >> 20, "max_memory_mib": self._max_memory >> 20})
         self._resume()
 
     async def govern(self) -> None:
