@@ -28,7 +28,7 @@ import msgspec
 
 from gateway.errors import RejectError
 from gateway.metrics import Metrics
-from gateway.model import AuditEvent, Outcome, RawMessage
+from gateway.model import Outcome, RawMessage
 from gateway.pipeline import Pipeline
 from gateway.retry import Backoff
 from gateway.workers import owner_of
