@@ -49,6 +49,14 @@ def worker_pids(gw) -> dict[int, int]:  # noqa: ANN001
     return pids
 
 
+def worker_metric(gw, index: int, name: str) -> float:  # noqa: ANN001
+    """One metric of worker ``index``, served on ``metrics_port + index``."""
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port + index}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name + " "))
+
+
 def devices_of(n: int) -> list[str]:
     return [f"wk-{i:03d}" for i in range(n)]
 
@@ -96,6 +104,9 @@ def test_two_workers_keep_each_device_on_its_owner_and_agree_with_replay(db_dsn,
     # both workers received payloads of devices they do not own, and forwarded them
     log = gw.log_text()
     assert log.count("Subscribed.") == WORKERS and "topic=$share/vitalgate/devices/+/telemetry" in log
+    forwarded = [worker_metric(gw, i, "gateway_forwarded_messages_total") for i in range(WORKERS)]
+    assert all(f > len(ordered) / 8 for f in forwarded), forwarded
+    assert sum(forwarded) < len(ordered)
     # same flags and alert episodes as the offline replay of the same input
     for bit, flag in enumerate(FLAG_NAMES):
         live = count(db_dsn, f"SELECT (SELECT count(*) FROM readings WHERE flags & {1 << bit} <> 0)"
