@@ -144,7 +144,7 @@ class Gateway:
         if cfg.http.enabled:
             assert self.registry is not None
             self.http = HttpSource(cfg.http, intake=intake, registry=self.registry, metrics=self.metrics,
-                                   gateway_id=cfg.gateway_id)
+                                   gateway_id=cfg.gateway_id, reuse_port=cfg.workers > 1)
             await self.http.start()  # binds now: a taken port or a bad certificate stops start-up
         # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
         # young generation is collected less often: batches hold thousands of short-lived,

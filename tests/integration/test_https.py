@@ -374,7 +374,8 @@ async def _wait_audit(db: asyncpg.Connection, action: str, at_least: int, actor:
 # ------------------------------------------------------------------ start-up errors
 
 
-@pytest.mark.parametrize("case", ["port taken", "missing certificate", "key of another certificate"])
+@pytest.mark.parametrize("case", ["port taken", "port of a running gateway", "missing certificate",
+                                  "key of another certificate"])
 async def test_start_up_stops_with_exit_2_naming_the_http_setting(gw: HttpsGateway, case: str, tmp_path: Path):
     assert gw.proc is not None
     env = {**gw.proc.env, "VITALGATE_METRICS_PORT": "0"}
@@ -384,6 +385,9 @@ async def test_start_up_stops_with_exit_2_naming_the_http_setting(gw: HttpsGatew
         blocker.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: nobody may share it
         blocker.listen()
         env["VITALGATE_HTTP_PORT"] = str(blocker.getsockname()[1])
+        expected = "http.host/http.port: cannot listen on 127.0.0.1:"
+    elif case == "port of a running gateway":  # one gateway's port is shared by its own workers only
+        env["VITALGATE_HTTP_PORT"] = str(gw.port)
         expected = "http.host/http.port: cannot listen on 127.0.0.1:"
     elif case == "missing certificate":
         env["VITALGATE_HTTP_TLS_CERT"] = str(tmp_path / "nope.pem")

@@ -165,9 +165,13 @@ class HttpSource:
         metrics: Metrics,
         gateway_id: str,
         drain_s: float = 10.0,
+        reuse_port: bool = False,
     ) -> None:
         self._cfg = cfg
         self._drain_s = drain_s
+        # Only workers of one gateway share the port: a second gateway started by mistake on
+        # the same port must fail at start-up, not silently take part of the traffic.
+        self._reuse_port = reuse_port
         self.ctx = Context(cfg=cfg, intake=intake, registry=registry, metrics=metrics, gateway_id=gateway_id,
                            limiter=RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst), openapi=document(cfg))
         self._app = build_app(self.ctx)
@@ -199,7 +203,7 @@ class HttpSource:
         )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self._cfg.host, self._cfg.port, ssl_context=ssl_context,
-                                 reuse_port=True, backlog=1024)
+                                 reuse_port=self._reuse_port, backlog=1024)
         try:
             await self._site.start()
         except OSError as exc:
