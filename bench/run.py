@@ -207,7 +207,8 @@ def print_targets(results: dict[str, Any], out: Any = sys.stdout) -> None:
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="stress,icu,checks", help="comma-separated parts: stress, icu, checks")
-    ap.add_argument("--readings", type=int, default=1_000_000, help="stress: readings per mode (10 per envelope)")
+    ap.add_argument("--readings", type=int, default=300_000,
+                    help="stress: readings per mode (10 per envelope, one device per 3 envelopes)")
     ap.add_argument("--beds", type=int, default=3000, help="ICU: the fixed bed count (the sweep starts there)")
     ap.add_argument("--fixed-seconds", type=float, default=30.0)
     ap.add_argument("--step-seconds", type=float, default=20.0, help="ICU: seconds per sweep step")
