@@ -61,6 +61,7 @@ class MqttConfig(_Section):
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 20000
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
     alerts_topic: str = "alerts/{device_id}"
+    alerts_max_queued: Annotated[int, Meta(ge=1)] = 10000
     share_group: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "vitalgate"  # $share/<group>/ with workers > 1
     tls_ca: str | None = None
     tls_cert: str | None = None

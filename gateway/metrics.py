@@ -51,6 +51,11 @@ class Metrics:
         self.commit_latency = Histogram(
             "gateway_commit_latency_seconds", "Receipt to commit, per envelope.", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.alerts_unpublished = Counter(
+            "gateway_alert_events_unpublished_total",
+            "Alert events stored but not published on MQTT (disconnected, or the publication queue full).",
+            registry=r,
+        )
         self.mqtt_connected = Gauge("gateway_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
         self.http_requests = Counter(
             "gateway_http_requests_total", "HTTPS requests answered, by status code.", ["status"], registry=r

@@ -100,6 +100,7 @@ class MqttSource:
         self._connected = False
         self._taking = True
         self._closing = asyncio.Event()
+        self._unpublished_logged = -10.0
         paho_speed.install()
 
     @staticmethod
@@ -140,6 +141,7 @@ class MqttSource:
         inner.manual_ack_set(True)  # before connecting: redelivered messages arrive right after CONNACK
         inner.on_message = self._on_message
         inner.disable_logger()
+        inner.max_inflight_messages_set(1000)  # alert publications in flight at once (paho's default: 20)
         paho_speed.buffer_reads(inner, keep_reading=self._gate.reading)
         self._gate.hook(client, inner)
         return client
@@ -244,9 +246,13 @@ class MqttSource:
         """Publish alert events (JSON, QoS 1) on ``alerts/{device_id}``; best effort, after commit."""
         client = self._client
         if client is None or not self._connected:
+            self._metrics.alerts_unpublished.inc(len(events))
             log.warning("Alerts not published: MQTT is disconnected (they are stored).", extra={"count": len(events)})
             return
         inner = client._client  # noqa: SLF001
+        room = self._cfg.alerts_max_queued - len(inner._out_messages)  # noqa: SLF001 - publications not yet PUBACKed
+        if room < len(events):
+            events = self._within(events, max(room, 0))
         for ev in events:
             payload = orjson.dumps(
                 {
@@ -261,3 +267,18 @@ class MqttSource:
                 }
             )
             inner.publish(self._cfg.alerts_topic.format(device_id=ev.device_id), payload, qos=1)
+
+    def _within(self, events: Sequence[AlertEvent], room: int) -> list[AlertEvent]:
+        """The ``room`` events to publish when the queue is nearly full: highest priority first,
+        in their order; the rest are counted and logged (an alert storm, e.g. ``silent`` alerts
+        while a backlog drains, must not grow the client's queue without bound)."""
+        rank = {"high": 0, "medium": 1, "low": 2}
+        keep = sorted(range(len(events)), key=lambda i: rank.get(events[i].priority, 3))[:room]
+        dropped = len(events) - len(keep)
+        self._metrics.alerts_unpublished.inc(dropped)
+        now = time.monotonic()
+        if now - self._unpublished_logged >= 10.0:
+            self._unpublished_logged = now
+            log.warning("Alert publication queue full; alerts stored but not published.",
+                        extra={"unpublished": dropped, "max_queued": self._cfg.alerts_max_queued})
+        return [events[i] for i in sorted(keep)]

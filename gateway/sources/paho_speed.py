@@ -6,8 +6,11 @@
    for the common empty block. Parsing of non-empty blocks is paho's own code.
 2. Socket reads: paho reads a packet's fixed header one byte per ``recv`` call.
    ``buffer_reads`` gives one client a read buffer filled 64 KiB at a time, and drains
-   every packet already buffered on each readiness event (the socket will not signal
-   readiness again for bytes we already hold).
+   the packets already buffered on each readiness event (the socket will not signal
+   readiness again for bytes we already hold), at most ``_PACKETS_PER_TURN`` of them
+   per event-loop turn: on loopback the broker can keep the buffer full (PUBACKs of
+   queued alert publications answer each next one at once), and a drain that never
+   returns starves the writer of the loop.
 
 Both keep paho's behaviour and error handling; ``tests/sources/test_paho_speed.py``
 checks them against paho's own parsing.
@@ -15,6 +18,8 @@ checks them against paho's own parsing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 
 import paho.mqtt._packet as paho_packet
@@ -26,6 +31,8 @@ __all__ = ["FastProperties", "install", "buffer_reads"]
 
 _PROTO = Properties(PacketTypes.PUBLISH)
 _READ_SIZE = 65536
+_PACKETS_PER_TURN = 1000
+log = logging.getLogger("gateway.sources.mqtt")
 
 
 class FastProperties(Properties):
@@ -96,12 +103,28 @@ def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | 
             client._call_socket_register_write()  # noqa: SLF001
             raise BlockingIOError() from err
 
+    later: list[asyncio.Handle] = []  # the scheduled continuation, if any
+
+    def go_on() -> None:
+        later.clear()
+        if buf and client._sock is not None and (keep_reading is None or keep_reading()):  # noqa: SLF001
+            try:
+                loop_read()
+            except Exception as exc:  # noqa: BLE001 - as a reader callback would; paho reports socket errors itself
+                log.warning("MQTT read failed.", extra={"error": repr(exc)})
+
     def loop_read(max_packets: int = 1) -> paho_client.MQTTErrorCode:
         rc = original_loop_read(max_packets)
+        packets = 1
         while rc == paho_client.MQTTErrorCode.MQTT_ERR_SUCCESS and buf and client._sock is not None:  # noqa: SLF001
             if keep_reading is not None and not keep_reading():
                 break
+            if packets >= _PACKETS_PER_TURN:
+                if not later:  # the rest of the buffer on the next turn, after other tasks ran
+                    later.append(asyncio.get_running_loop().call_soon(go_on))
+                break
             rc = original_loop_read(max_packets)
+            packets += 1
         return rc
 
     client._sock_recv = recv_translating_ssl  # type: ignore[method-assign] # noqa: SLF001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import paho.mqtt._packet as paho_packet
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
@@ -47,3 +48,51 @@ def test_empty_block_and_reuse():
 def test_install_switches_packet_decoding():
     install()
     assert paho_packet.Properties is FastProperties
+
+
+def _publish_packet(topic: bytes, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH, QoS 0 (remaining length < 128)."""
+    body = len(topic).to_bytes(2, "big") + topic + payload
+    return bytes([0x30, len(body)]) + body
+
+
+@pytest.mark.asyncio
+async def test_buffered_drain_yields_to_the_event_loop_between_turns():
+    """Packets already in the read buffer are drained at most _PACKETS_PER_TURN per loop turn,
+    so a broker that keeps the buffer full cannot starve the writer task."""
+    import asyncio
+    import socket
+
+    import paho.mqtt.client as paho_client
+
+    from gateway.sources import paho_speed
+
+    client = paho_client.Client(paho_client.CallbackAPIVersion.VERSION2, protocol=paho_client.MQTTv311)
+    received: list[bytes] = []
+    client.on_message = lambda _c, _u, msg: received.append(msg.payload)
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    n = 2 * paho_speed._PACKETS_PER_TURN + 500  # noqa: SLF001
+    broker.sendall(b"".join(_publish_packet(b"devices/d/telemetry", b"%05d" % i) for i in range(n)))
+    client._sock = ours  # noqa: SLF001 - a connected socket, as paho holds it
+    paho_speed.buffer_reads(client)
+    seen_by_other_task: list[int] = []
+
+    async def other() -> None:
+        seen_by_other_task.append(len(received))
+
+    try:
+        task = asyncio.ensure_future(other())
+        client.loop_read()
+        assert len(received) == paho_speed._PACKETS_PER_TURN  # noqa: SLF001 - one turn's worth, then it yields
+        await task
+        for _ in range(100):
+            if len(received) == n:
+                break
+            await asyncio.sleep(0)
+        assert received == [b"%05d" % i for i in range(n)], "every packet, in order, none twice"
+        assert seen_by_other_task and seen_by_other_task[0] < n, "another task ran before the drain finished"
+    finally:
+        client._sock = None  # noqa: SLF001
+        ours.close()
+        broker.close()
