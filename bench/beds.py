@@ -46,7 +46,7 @@ import asyncpg
 import numpy as np
 
 from bench.common import (
-    REPO, GatewayProcess, config_has_key, forget_mqtt_session, free_port, rss_mib, stat_cpu_s,
+    REPO, GatewayProcess, config_has_key, cpu_snapshot, forget_mqtt_session, free_port, rss_mib, stat_cpu_s,
 )
 from bench.fleet import Fleet, FleetConfig
 
@@ -221,15 +221,7 @@ class LoadRun:
                    AND backend_type = 'client backend'""")
             self.backends |= {r[0] for r in rows}
             self.pg_pids |= set(_cluster_pids(await self.conn.fetchval("SELECT pg_backend_pid()")))
-        cpu: dict[str, float] = {}
-        if self.gw.alive():
-            cpu[f"gw:{self.gw.pid}"] = stat_cpu_s(self.gw.pid)
-        for p in self.backends:
-            cpu[f"be:{p}"] = stat_cpu_s(p)
-        for p in self.pg_pids:
-            cpu[f"pg:{p}"] = stat_cpu_s(p)
-        if self.mq.pid:
-            cpu["mq"] = stat_cpu_s(self.mq.pid)
+        cpu = cpu_snapshot(self.gw.pid if self.gw.alive() else None, self.backends, self.pg_pids, self.mq.pid)
         cpu["machine"] = _machine_busy_s()
         st = fleet.stats()
         s = {"t": time.time() - t0, "ingests": float(n), "acked": st.acked, "published": st.published,

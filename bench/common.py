@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "Link", "PahoLink", "RawLink", "open_link", "parse_mqtt_url", "NO_MATCHING_SUBSCRIBERS",
     "REPO", "free_port", "stat_cpu_s", "proc_cpu_s", "machine_info", "package_versions", "mosquitto_version", "git_revision",
-    "GatewayProcess", "forget_mqtt_session", "config_has_key", "bench_defaults_env", "rss_mib",
+    "GatewayProcess", "forget_mqtt_session", "config_has_key", "bench_defaults_env", "rss_mib", "cpu_snapshot",
 ]
 
 NO_MATCHING_SUBSCRIBERS = 16
@@ -406,6 +406,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(gw_pid: int | None, backends: set[int], pg_pids: set[int], mq_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of the gateway (``gw:``), its PostgreSQL backends (``be:``), the whole
+    cluster (``pg:``) and the broker (``mq``), keyed so that samples can be subtracted."""
+    cpu: dict[str, float] = {}
+    if gw_pid is not None:
+        cpu[f"gw:{gw_pid}"] = stat_cpu_s(gw_pid)
+    for p in backends:
+        cpu[f"be:{p}"] = stat_cpu_s(p)
+    for p in pg_pids:
+        cpu[f"pg:{p}"] = stat_cpu_s(p)
+    if mq_pid:
+        cpu["mq"] = stat_cpu_s(mq_pid)
+    return cpu
 
 
 def stat_cpu_s(pid: int) -> float:

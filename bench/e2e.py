@@ -48,7 +48,8 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
-    REPO, GatewayProcess, forget_mqtt_session, free_port, git_revision, machine_info, mosquitto_version, package_versions, stat_cpu_s,
+    REPO, GatewayProcess, cpu_snapshot, forget_mqtt_session, free_port, git_revision, machine_info, mosquitto_version,
+    package_versions,
 )
 from bench.fleet import Fleet, FleetConfig
 from bench.rawcopy import raw_copy_rate, read_rows
@@ -135,15 +136,7 @@ class _Sampler:
         n = await self.conn.fetchval("SELECT count(*) FROM ingests")
         if not self.backends or len(self.samples) % 10 == 0:
             await self._refresh_pids()
-        cpu: dict[str, float] = {}
-        if self.gw.alive():
-            cpu[f"gw:{self.gw.pid}"] = stat_cpu_s(self.gw.pid)
-        for p in self.backends:
-            cpu[f"be:{p}"] = stat_cpu_s(p)
-        for p in self.pg_pids:
-            cpu[f"pg:{p}"] = stat_cpu_s(p)
-        if self.mq_pid:
-            cpu["mq"] = stat_cpu_s(self.mq_pid)
+        cpu = cpu_snapshot(self.gw.pid if self.gw.alive() else None, self.backends, self.pg_pids, self.mq_pid)
         cpu["machine"] = _machine_busy_s()
         s = {"t": time.monotonic(), "ingests": float(n), "cpu": cpu}
         self.samples.append(s)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import beds, e2e
+from bench.e2e import _f
 from bench.common import REPO, git_revision, machine_info
 
 CHECKS_MODULE = REPO / "bench" / "bench_checks.py"
@@ -116,15 +117,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "figure": f"{len(runs) - len(lost)} of {len(runs)} runs" + (f"; lost: {', '.join(lost)}" if lost else ""),
                 "met": bool(runs) and not lost})
     return out
-
-
-def _f(v: Any, fmt: str = ",.0f") -> str:
-    if v is None:
-        return "-"
-    try:
-        return format(v, fmt)
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def print_icu_table(icu: dict[str, Any], out: Any = sys.stdout) -> None:

@@ -24,7 +24,8 @@ configuration:
   VITALGATE_<SECTION>_<KEY> or VITALGATE_<KEY> for top-level keys, for example
   VITALGATE_DATABASE_URL, VITALGATE_MQTT_URL, VITALGATE_MQTT_CLIENT_ID,
   VITALGATE_PROFILES_DIR, VITALGATE_GATEWAY_ID, VITALGATE_BATCH_MAX_ROWS,
-  VITALGATE_METRICS_PORT, VITALGATE_LOG_LEVEL. `vitalgate config show` prints the
+  VITALGATE_METRICS_PORT, VITALGATE_LOG_LEVEL, VITALGATE_HTTP_ENABLED,
+  VITALGATE_AUTH_REQUIRE_REGISTRATION. `vitalgate config show` prints the
   result; gateway.sample.toml lists every key with its default.
 """
 
@@ -135,8 +136,8 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitalgate",
-        description="Ingestion gateway for connected medical devices: MQTT telemetry in, "
-        "validated, checked and alerted, stored in TimescaleDB with provenance.",
+        description="Ingestion gateway for connected medical devices: MQTT and HTTPS telemetry in, "
+        "from registered devices only, validated, checked and alerted, stored in TimescaleDB with provenance.",
         epilog=_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -150,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser(
         "run",
         help="run the gateway",
-        description="Run the gateway: migrate the schema, subscribe the telemetry topic, write "
-        "batches, acknowledge after commit. SIGTERM or SIGINT stops it gracefully (a second one forces).",
+        description="Run the gateway: migrate the schema, load the device registry, subscribe the "
+        "telemetry topic (and serve POST /v1/telemetry when http.enabled), write batches, acknowledge "
+        "(PUBACK, HTTP 202) after commit. SIGTERM or SIGINT stops it gracefully (a second one forces).",
         epilog=_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ))
