@@ -55,6 +55,11 @@ class PipelineSettings:
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     tick_s: float = 1.0
+    # ``silent`` ticks wait while the gateway itself is behind: its payload budget was full,
+    # or the newest reading it took lagged the wall clock by more than ``behind_lag_s``,
+    # within the last ``behind_hold_s``.
+    behind_lag_s: float = 10.0
+    behind_hold_s: float = 5.0
     max_concurrent_writes: int = 2
     max_pending_bytes: int = 64 * 1024 * 1024  # payload bytes held unacknowledged before ``backed_up``
     checks: CheckSettings = field(default_factory=CheckSettings)
@@ -128,6 +133,8 @@ class Pipeline:
         self._last_seq: dict[str, int] = {}
         self._restored: set[str] = set()  # devices whose stored state was looked up since start
         self._next_tick = 0.0
+        self._behind_until = 0.0  # monotonic time until which silent ticks wait (see _tick_events)
+        self._deferring = False
         self._alert_publishers: list[AlertPublisher] = []
         self._received: dict[str, object] = {}
         self._resolve: str | None | Callable[[str], str | None] = (
@@ -350,7 +357,28 @@ class Pipeline:
         if now < self._next_tick:
             return []
         self._next_tick = now + self.settings.tick_s
+        if self.backed_up:
+            self._behind_until = now + self.settings.behind_hold_s
+        if now < self._behind_until:
+            # While a backlog drains, the devices' messages wait at the broker: they are not
+            # silent, the gateway is behind. Ticking now would open and close a ``silent``
+            # episode per device and second. Once caught up the tick runs, and a device that
+            # really went quiet opens with the same ``at`` (its latest reading + after_s).
+            if not self._deferring:
+                self._deferring = True
+                log.warning("Intake is behind; silent-device checks wait until it has caught up.",
+                            extra={"held_mib": self._pending_bytes >> 20})
+            return []
+        if self._deferring:
+            self._deferring = False
+            log.info("Intake caught up; silent-device checks resume.")
         return self._engine.tick(int(self._clock() * 1000))
+
+    def _note_lag(self, num_t: np.ndarray, wav_t0: np.ndarray) -> None:
+        """Remember that the gateway is behind when even the newest reading of a batch is old."""
+        newest = max(int(num_t.max()) if len(num_t) else 0, int(wav_t0.max()) if len(wav_t0) else 0)
+        if newest and self._clock() * 1000 - newest > self.settings.behind_lag_s * 1000:
+            self._behind_until = time.monotonic() + self.settings.behind_hold_s
 
     async def _next_batch(self) -> _Batch | None:
         while True:
@@ -407,6 +435,8 @@ class Pipeline:
         self._count_seq_gaps(items)
         await self._restore_state(items)
         num, wav = to_columns(items, [r.received_at_ms for r in raws])
+        if items:
+            self._note_lag(num.t, wav.t0)
         nflags, wflags = run_checks(num, wav, self.profiles, self._state, self.settings.checks)
         events = self._engine.evaluate(num, nflags, wav) if len(num) or len(wav) else []
         events = tick_events + events

@@ -310,3 +310,43 @@ async def test_outcomes_name_the_ingest_id_or_the_reason_of_each_payload():
     assert got["other"].status == "stored" and got["other"].ingest_id not in (None, stored_id)
     assert got["bad"].status == "rejected" and got["bad"].reason.startswith("numerics[0].values.spo2:")
     assert pipe.pending_bytes == 0
+
+
+class AlertSink(MemorySink):
+    def __init__(self, events: list[tuple[str, object]]) -> None:
+        super().__init__(events)
+        self.alerts: list = []
+
+    async def write(self, batch: WriteBatch):  # noqa: ANN201
+        ids = await super().write(batch)
+        self.alerts += batch.alerts
+        return ids
+
+
+def envelope_at(t_ms: int, seq: int, device: str = "po-1") -> RawMessage:
+    body = orjson.dumps({"v": 1, "device_id": device, "seq": seq, "profile": "pulse_oximeter",
+                         "numerics": [{"t": t_ms, "values": {"spo2": 97, "pulse_rate": 70}}]})
+    return RawMessage(body, "mqtt", device, f"devices/{device}/telemetry", t_ms, topic_device_id=device)
+
+
+async def test_silent_checks_wait_while_a_backlog_drains_and_open_with_the_contract_time_after():
+    """probe_silent (after_s 30). While the gateway takes 60-s-old readings (a backlog) its
+    silent tick waits: the devices' messages are at the broker, not missing. Once old readings
+    stop for ``behind_hold_s``, the tick runs and each quiet device opens with
+    at = latest + 30 s, as the contract says."""
+    now = float(T + 500_000) / 1000
+    sink = AlertSink([])
+    pipe = Pipeline(profiles=P, sink=sink, clock=lambda: now, settings=PipelineSettings(
+        max_age_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, tick_s=0.02, behind_hold_s=0.3))
+    task = asyncio.create_task(pipe.run())
+    old = int(now * 1000) - 60_000
+    for k in range(8):
+        pipe.submit(envelope_at(old + k * 10, k))
+        await asyncio.sleep(0.1)  # input pacing: a backlog of old readings keeps arriving for 0.8 s
+        assert not sink.alerts, "no silent episode while the gateway is behind"
+    caught_up = time.monotonic()
+    await await_for(lambda: bool(sink.alerts), timeout=5)
+    assert time.monotonic() - caught_up >= 0.2, "the tick waited out the hold after the last old batch"
+    assert [(a.event, a.device_id, a.rule, a.at) for a in sink.alerts] == [("open", "po-1", "probe_silent", old + 70 + 30_000)]
+    pipe.stop()
+    await task
