@@ -514,7 +514,8 @@ def _f(v: Any, fmt: str = ",.0f") -> str:
         return str(v)
 
 
-def print_table(results: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_table(results: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up now: the suite replaces sys.stdout to keep a log
     m = results["machine"]
     v = results.get("versions", {})
     print(f"\nvitalgate end-to-end bench ({results['started_at']}, git {results['git']})", file=out)

@@ -323,7 +323,8 @@ async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
     return results
 
 
-def print_table(results: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_table(results: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up now: the suite replaces sys.stdout to keep a log
     r, raw = results["run"], results["raw_copy"]
     c = results["config"]
     rows = [

@@ -119,7 +119,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def print_icu_table(icu: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_icu_table(icu: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up now: the suite replaces sys.stdout to keep a log
     runs = [r for r in icu.get("steps", [])] + ([icu["overload"]] if icu.get("overload") else [])
     if not runs:
         return
@@ -190,7 +191,8 @@ def print_icu_table(icu: dict[str, Any], out: Any = sys.stdout) -> None:
           f"{_f(icu.get('sweep_max_beds'))}", file=out)
 
 
-def print_targets(results: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_targets(results: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up now: the suite replaces sys.stdout to keep a log
     print("\ntargets (measured in this run):", file=out)
     for t in results["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['figure']}", file=out)

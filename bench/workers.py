@@ -102,7 +102,8 @@ def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
+def print_table(rows: list[dict[str, Any]], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up now: the suite replaces sys.stdout to keep a log
     base = {r["mode"]: r["readings_per_s"] for r in rows if r.get("workers") == 1 and "readings_per_s" in r}
     print(f"{'workers':>7} {'mode':<8} {'readings/s':>11} {'x 1 worker':>10} {'gw CPU us/rd':>12} "
           f"{'PG CPU us/rd':>12} {'busy cores':>10} {'/ raw COPY':>10} {'zero loss':>9}", file=out)
