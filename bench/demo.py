@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -35,7 +36,7 @@ from typing import Any
 import asyncpg
 
 from bench.common import REPO, GatewayProcess, forget_mqtt_session, free_port
-from bench.fleet import Fleet, FleetConfig
+from bench.fleet import Fleet, FleetConfig, device_id
 
 DB = "vitalgate_demo"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -87,6 +88,22 @@ def _run(cmd: list[str], what: str) -> None:
         raise DemoError(f"could not start {what}: {exc}") from exc
     if r.returncode != 0:
         raise DemoError(f"could not start {what} ({' '.join(cmd)} exited {r.returncode}):\n{r.stderr.strip()}")
+
+
+def register_fleet(fleet: Fleet, workdir: Path) -> int:
+    """Migrate the demo database and register every simulated device (``vitalgate devices import``),
+    so that the gateway runs as in a hospital: registered devices only."""
+    csv = workdir / "devices.csv"
+    rows = [f"{device_id(p, n)},{p}" for p in sorted(fleet.per_profile) for n in range(1, fleet.per_profile[p] + 1)]
+    csv.write_text("device_id,profile\n" + "\n".join(rows) + "\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")},
+           "VITALGATE_DATABASE_URL": DEMO_DSN, "VITALGATE_PROFILES_DIR": str(REPO / "device_profiles")}
+    for args in (["db", "migrate"], ["devices", "import", str(csv), "--no-tokens"]):
+        r = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        if r.returncode != 0:
+            raise DemoError(f"vitalgate {' '.join(args)} exited {r.returncode}:\n{r.stderr.strip()}")
+    return len(rows)
 
 
 def ensure_services() -> None:
@@ -222,7 +239,8 @@ async def demo(args: argparse.Namespace) -> int:
     client_id = f"vitalgate-demo-{uuid.uuid4().hex[:8]}"
     gw = GatewayProcess(
         log, database_url=DEMO_DSN, mqtt_url=MQTT_URL, client_id=client_id, gateway_id="demo",
-        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(), extra_env={"VITALGATE_LOG_LEVEL": "INFO"},
+        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(),
+        extra_env={"VITALGATE_LOG_LEVEL": "INFO", "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true"},
     )
     fleet: Fleet | None = None
     conn: asyncpg.Connection | None = None
@@ -237,6 +255,8 @@ async def demo(args: argparse.Namespace) -> int:
             malformed=args.malformed, seed=int(time.time()) % 100_000, client_id_prefix="demo",
         )
         fleet = Fleet(cfg)
+        registered = await asyncio.to_thread(register_fleet, fleet, WORKDIR)
+        _say(f"Registered {registered} devices (vitalgate devices import; the gateway refuses any other device).")
         _say(f"Starting the gateway (log: {log.relative_to(REPO)}, metrics: http://127.0.0.1:{gw.metrics_port}/metrics)")
         gw.start()
         try:
