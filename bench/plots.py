@@ -25,6 +25,13 @@ from typing import Any
 __all__ = ["write_plots"]
 
 
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def _plt() -> Any:
     import matplotlib
 
@@ -82,10 +89,7 @@ def throughput(results: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("seconds since the run started")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def latency_cdf(results: dict[str, Any], path: Path) -> Path:
@@ -104,10 +108,7 @@ def latency_cdf(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("fraction of envelopes")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bed_sweep(results: dict[str, Any], path: Path) -> Path:
@@ -133,10 +134,7 @@ def bed_sweep(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("commit latency, s")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def overload(results: dict[str, Any], path: Path) -> Path | None:
@@ -163,10 +161,7 @@ def overload(results: dict[str, Any], path: Path) -> Path | None:
     a2.legend(fontsize=7)
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(results: dict[str, Any], directory: Path, stamp: str) -> list[Path]:

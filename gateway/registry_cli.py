@@ -166,6 +166,13 @@ def _iso(value: object) -> str | None:
 # ------------------------------------------------------------------------- devices
 
 
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
+    """Rows (the first the header) in columns as wide as their widest value."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
 def _cmd_devices_add(args: argparse.Namespace) -> int:
     device_id = _check_device_id(args.device_id)
     cert = _check_text(args.cert_subject, "--cert-subject")
@@ -222,9 +229,7 @@ def _cmd_devices_list(args: argparse.Namespace) -> int:
         table = [("DEVICE_ID", "PROFILE", "STATUS", "TOKEN_ID", "CREATED_AT", "CERT_SUBJECT")]
         table += [(r["device_id"], r["profile"], r["status"], r["token_id"] or "-",
                    r["created_at"].strftime("%Y-%m-%dT%H:%M:%SZ"), r["cert_subject"] or "-") for r in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for row in table:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        _print_table(table)
         _say(f"{len(rows)} devices.")
 
     return _run(args, body)
@@ -429,9 +434,7 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
         table = [("KEY_ID", "STATUS", "SCOPES", "CREATED_AT", "NAME")]
         table += [(r["key_id"], r["status"], ",".join(r["scopes"]), r["created_at"].strftime("%Y-%m-%dT%H:%M:%SZ"), r["name"])
                   for r in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for row in table:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        _print_table(table)
         _say(f"{len(rows)} API keys.")
 
     return _run(args, body)
