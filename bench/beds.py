@@ -417,24 +417,12 @@ async def _with_gateway(gw: GatewayProcess, dsn: str, fn: Any) -> Any:
 
 async def _broker_limit(mq: Any, cfg: BedsConfig) -> dict[str, Any]:
     """ICU envelopes flat out to the bare subscriber alone (no gateway subscribed)."""
-    from bench.subscriber import BareSubscriber
+    from bench.subscriber import bare_run
 
-    sub = BareSubscriber(mq.url)
-    sub.start()
     fcfg = icu_fleet_config(mq.url, max(100, cfg.broker_limit_envelopes // 10), processes=cfg.processes,
                             flat_out=True, envelopes=cfg.broker_limit_envelopes, prefix="icu-bare", seed=23)
-    fleet = Fleet(fcfg)
-    try:
-        await asyncio.to_thread(fleet.start)
-        if not await asyncio.to_thread(fleet.join, 300):
-            raise TimeoutError("publishers did not finish")
-        st = fleet.stats()
-        ok = await asyncio.to_thread(sub.wait_for, st.published, 60)
-    finally:
-        fleet.kill()
-        s = sub.stop()
-    return {"published": st.as_dict(), "received": s.as_dict(), "complete": ok and s.messages == st.published,
-            "envelopes_per_s": s.rate, "beds_equivalent": s.rate}
+    r = await bare_run(mq.url, fcfg, 300)
+    return {**r, "beds_equivalent": r["envelopes_per_s"]}
 
 
 async def _db_limit(dsn: str, id0: int, n: int, per_copy: int = 500) -> dict[str, Any]:

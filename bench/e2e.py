@@ -338,22 +338,10 @@ def _stress_fleet_config(cfg: E2EConfig, url: str, prefix: str) -> FleetConfig:
 
 async def _bare_subscriber_run(cfg: E2EConfig, mq: Any) -> dict[str, Any]:
     """The identical stress load, flat out, to the bare subscriber alone (bench.subscriber)."""
-    from bench.subscriber import BareSubscriber
+    from bench.subscriber import bare_run
 
-    sub = BareSubscriber(mq.url)
-    sub.start()
-    fleet = Fleet(_stress_fleet_config(cfg, mq.url, "bench-bare"))
-    try:
-        await asyncio.to_thread(fleet.start)
-        if not await asyncio.to_thread(fleet.join, cfg.timeout_s):
-            raise TimeoutError("publishers did not finish")
-        st = fleet.stats()
-        complete = await asyncio.to_thread(sub.wait_for, st.published, 60)
-    finally:
-        fleet.kill()
-        s = sub.stop()
-    return {"published": st.as_dict(), "received": s.as_dict(), "complete": complete and s.messages == st.published,
-            "envelopes_per_s": s.rate, "readings_per_s": s.rate * READINGS_PER_ENVELOPE}
+    r = await bare_run(mq.url, _stress_fleet_config(cfg, mq.url, "bench-bare"), cfg.timeout_s)
+    return {**r, "readings_per_s": r["envelopes_per_s"] * READINGS_PER_ENVELOPE}
 
 
 def _peak_rss_mib(pid: int) -> float | None:

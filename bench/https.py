@@ -41,7 +41,9 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import REPO, GatewayProcess, free_port, git_revision, machine_info, package_versions, stat_cpu_s
+from bench.common import (
+    REPO, GatewayProcess, free_port, git_revision, machine_info, package_versions, proc_cpu_s, stat_cpu_s,
+)
 from bench.rawcopy import raw_copy_rate, read_rows
 
 __all__ = ["HttpsBenchConfig", "run", "main"]
@@ -172,22 +174,7 @@ def _wait_listening(gw: GatewayProcess, timeout: float = 60.0) -> None:
 
 def _postgres_cpu_s(pg: Any) -> float:
     """CPU seconds of the whole PostgreSQL cluster (postmaster and every backend)."""
-    import psutil
-
-    pid_line = (pg.data_dir / "postmaster.pid").read_text().splitlines()[0]
-    try:
-        p = psutil.Process(int(pid_line))
-        procs = [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for q in procs:
-        try:
-            t = q.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+    return proc_cpu_s(int((pg.data_dir / "postmaster.pid").read_text().splitlines()[0]), children=True)
 
 
 async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.common import _str, _varint, parse_mqtt_url
 
-__all__ = ["BareSubscriber", "SubscriberStats", "parse_publishes", "main"]
+__all__ = ["BareSubscriber", "SubscriberStats", "parse_publishes", "bare_run", "main"]
 
 # Shared counters: messages, payload bytes, first message (epoch us), last message (epoch us), CPU ms, state.
 N_MSG, N_BYTES, T_FIRST_US, T_LAST_US, CPU_MS, STATE = range(6)
@@ -220,6 +220,32 @@ class BareSubscriber:
             self._proc.kill()
             self._proc.join(5)
         return self.stats()
+
+
+async def bare_run(url: str, fleet_cfg: Any, publish_timeout_s: float) -> dict[str, Any]:
+    """The broker's limit: ``fleet_cfg``'s load, flat out, to a bare subscriber alone (no gateway).
+
+    Returns what was published and received, whether every message arrived, and the
+    subscriber's rate (messages/s).
+    """
+    import asyncio
+
+    from bench.fleet import Fleet
+
+    sub = BareSubscriber(url)
+    sub.start()
+    fleet = Fleet(fleet_cfg)
+    try:
+        await asyncio.to_thread(fleet.start)
+        if not await asyncio.to_thread(fleet.join, publish_timeout_s):
+            raise TimeoutError("publishers did not finish")
+        st = fleet.stats()
+        complete = await asyncio.to_thread(sub.wait_for, st.published, 60)
+    finally:
+        fleet.kill()
+        s = sub.stop()
+    return {"published": st.as_dict(), "received": s.as_dict(), "complete": complete and s.messages == st.published,
+            "envelopes_per_s": s.rate}
 
 
 def main(argv: list[str] | None = None) -> int:
