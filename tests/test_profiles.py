@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.cli.profiles import check
 from gateway.errors import ProfileError
 from gateway.profiles import Interner, load_profile, load_profiles
-from gateway.profiles_cli import check
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
 SHIPPED = {"pulse_oximeter", "patient_monitor", "nibp_cuff", "thermometer", "cgm", "infusion_pump", "ventilator", "weight_scale"}

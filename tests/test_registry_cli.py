@@ -73,6 +73,30 @@ def test_valid_arguments_reach_the_database_and_name_it_masked(capsys):
     assert ":pw@" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ("db", "migrate"), ("devices", "list"), ("devices", "show", "po-1"), ("devices", "revoke", "po-1"),
+    ("devices", "rotate-token", "po-1"), ("keys", "add", "dash", "--scope", "admin"), ("keys", "list"),
+    ("keys", "revoke", "0123456789abcdef"),
+])
+def test_every_database_command_reports_an_unreachable_database_in_one_line(capsys, argv):
+    rc, out, err = run(capsys, *argv)
+    assert (rc, out) == (2, "")
+    assert err.startswith(f"vitalgate {argv[0]} {argv[1]}: cannot connect to postgresql://postgres:***@127.0.0.1:")
+    assert err.count("\n") == 1 and ":pw@" not in err
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("postgresql://postgres:pw@127.0.0.1:notaport/none", "invalid literal for int()"),
+    ("mysql://postgres:pw@127.0.0.1/none", "invalid DSN"),
+])
+def test_a_malformed_database_url_is_a_one_line_error(capsys, monkeypatch, url, reason):
+    monkeypatch.setenv("VITALGATE_DATABASE_URL", url)
+    rc, out, err = run(capsys, "devices", "list")
+    assert (rc, out) == (2, "")
+    assert err.startswith("vitalgate devices list: cannot connect to ") and reason in err
+    assert err.count("\n") == 1 and ":pw@" not in err
+
+
 def test_help_documents_every_action_and_the_exit_status(capsys):
     rc, out, _ = run(capsys, "devices", "--help")
     assert rc == 0
@@ -84,3 +108,5 @@ def test_help_documents_every_action_and_the_exit_status(capsys):
     assert rc == 0 and "{telemetry:read,admin}" in out
     rc, _, err = run(capsys, "keys", "add", "dash")
     assert rc == 2 and "the following arguments are required: --scope" in err
+    rc, out, _ = run(capsys, "db", "migrate", "--help")
+    assert rc == 0 and "exit status: 0 done" in out

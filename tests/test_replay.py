@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.cli.replay import run
 from gateway.profiles import load_profiles
-from gateway.replay import Replay, run
+from gateway.replay import Replay
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "device_profiles"

@@ -39,5 +39,5 @@ def test_db_migrate_names_the_database_it_cannot_reach(monkeypatch, capsys):
     monkeypatch.setenv("VITALGATE_DATABASE_CONNECT_TIMEOUT_S", "2")
     assert main(["db", "migrate"]) == 2
     err = capsys.readouterr().err
-    assert "cannot connect to postgresql://postgres:***@127.0.0.1:" in err
+    assert err.startswith("vitalgate db migrate: cannot connect to postgresql://postgres:***@127.0.0.1:")
     assert "secret" not in err

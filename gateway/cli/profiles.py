@@ -13,7 +13,7 @@ from typing import Any
 from gateway.errors import ProfileError
 from gateway.profiles import load_profiles
 
-__all__ = ["add_profiles_parser", "check"]
+__all__ = ["add_parser", "check"]
 
 
 def check(directory: str) -> int:
@@ -43,13 +43,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return check(args.dir)
 
 
-def add_profiles_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``profiles`` (with its ``check`` action) on the CLI's subparsers."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``profiles`` (with its ``check`` action) on the top-level subparsers."""
     p = subparsers.add_parser(
         "profiles", help="work with device profiles",
         description="Work with the device profiles (device_profiles/*.toml, PROTOCOL section 2).",
     )
-    actions = p.add_subparsers(dest="profiles_command", metavar="ACTION", required=True)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     c = actions.add_parser(
         "check", help="validate a folder of device profiles",
         description="Load and validate every *.toml profile in DIR exactly as the gateway does at "
@@ -58,5 +58,5 @@ def add_profiles_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog="exit status: 0 when all profiles are valid, 2 otherwise.",
     )
     c.add_argument("dir", metavar="DIR", help="folder of device profiles (*.toml, not recursive)")
-    c.set_defaults(func=_cmd_check)
+    c.set_defaults(func=_cmd_check, prog=c.prog)
     return p
