@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import asyncpg
 
-__all__ = ["Backoff", "is_retriable"]
+__all__ = ["Backoff", "DATABASE_ERRORS", "is_retriable"]
+
+# What a database call may raise; ``is_retriable`` tells which of them are worth a retry.
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
 class Backoff:
