@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "encode_rows", "encode_waveform_rows"]
+__all__ = [
+    "HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "factorize", "encode_rows",
+    "encode_reading_rows", "encode_waveform_rows",
+]
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
@@ -51,6 +54,12 @@ def text(codes: np.ndarray, uniques: Sequence[str]) -> Field:
     lengths = u_len[codes]
     flat = pool_arr[_ranges(u_start[codes], lengths)]
     return lengths, flat, 0
+
+
+def factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Codes into a list of distinct strings (few distinct values, many rows)."""
+    uniques, codes = np.unique(values.astype(str), return_inverse=True)
+    return codes.astype(np.int64), uniques.tolist()
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -90,6 +99,30 @@ def encode_rows(fields: Sequence[Field], *, header: bool = True) -> bytes:
     parts.append(body.tobytes())
     parts.append(TRAILER)
     return b"".join(parts)
+
+
+def encode_reading_rows(
+    t_ms: np.ndarray,
+    device: tuple[np.ndarray, Sequence[str]],
+    metric: np.ndarray,
+    value: np.ndarray,
+    flags: np.ndarray,
+    ingest_id: np.ndarray,
+) -> bytes:
+    """Rows of ``readings`` (time, device_id, metric, value, flags, ingest_id).
+
+    ``device`` is given as (codes, distinct names): the sink factorizes the batch's few
+    envelopes rather than every reading.
+    """
+    mcodes, muniq = factorize(metric)
+    return encode_rows([
+        timestamptz_ms(t_ms),
+        text(*device),
+        text(mcodes, muniq),
+        fixed(value, ">f8"),
+        fixed(flags, ">i4"),
+        fixed(ingest_id, ">i8"),
+    ])
 
 
 _WAVE_HEAD = struct.Struct(">hiq")  # field count, time length, time

@@ -50,12 +50,6 @@ _READING_COLUMNS = ["time", "device_id", "metric", "value", "flags", "ingest_id"
 _WAVEFORM_COLUMNS = ["time", "device_id", "metric", "hz", "samples", "flags", "ingest_id"]
 
 
-def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Codes into a list of distinct strings (few distinct values, many rows)."""
-    uniques, codes = np.unique(values.astype(str), return_inverse=True)
-    return codes.astype(np.int64), uniques.tolist()
-
-
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -196,7 +190,7 @@ class TimescaleSink:
         if len(num) == 0:
             return
         ingest, keep = self._ingest_column(ids, num.env)
-        env_codes, duniq = _factorize(np.array([d.envelope.device_id for d in batch.items], dtype=object))
+        env_codes, duniq = copybin.factorize(np.array([d.envelope.device_id for d in batch.items], dtype=object))
         if not keep.all():
             sel = np.flatnonzero(keep)
             t, env, met, val, flg, ingest = num.t[sel], num.env[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
@@ -204,16 +198,7 @@ class TimescaleSink:
             t, env, met, val, flg = num.t, num.env, num.metric, num.value, batch.num_flags
         if len(t) == 0:
             return
-        dcodes = env_codes[env]
-        mcodes, muniq = _factorize(met)
-        data = copybin.encode_rows([
-            copybin.timestamptz_ms(t),
-            copybin.text(dcodes, duniq),
-            copybin.text(mcodes, muniq),
-            copybin.fixed(val, ">f8"),
-            copybin.fixed(flg, ">i4"),
-            copybin.fixed(ingest, ">i8"),
-        ])
+        data = copybin.encode_reading_rows(t, (env_codes[env], duniq), met, val, flg, ingest)
         await conn.copy_to_table("readings", source=_once(data), columns=_READING_COLUMNS, format="binary")
 
     async def _copy_waveforms(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
