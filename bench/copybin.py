@@ -1,6 +1,6 @@
 """``gateway.sinks.copybin`` against asyncpg's own ``copy_records_to_table``.
 
-Both write the same rows into a throwaway TimescaleDB (``tests.services``), the rows the
+Each method writes the same rows into a throwaway TimescaleDB (``tests.services``), the rows the
 sink writes for two workloads, built by the same generators and checks as the gateway:
 
 - **stress**: pulse oximeters, 5 numerics x (spo2, pulse_rate) per envelope, no waveforms;
@@ -13,6 +13,10 @@ stream, or asyncpg's record tuples), ``client_cpu_ms`` (this process's CPU for t
 encode + COPY, which for asyncpg includes its own row encoding), ``wall_ms`` and
 ``rows_per_s`` (wall, median of ``--repeats``). Each COPY is its own transaction into an
 empty clone of the table; the two results are compared row for row once.
+
+``readings`` are measured the way the sink writes them now (asyncpg, ``copybin.reading_records``);
+the numpy-built binary stream they were compared with lost and was removed: run
+``git checkout e7893be && python -m bench.copybin`` to measure it again.
 
     python -m bench.copybin [--repeats 7] [--stress-envelopes 2000] [--icu-envelopes 500]
 """
@@ -87,27 +91,15 @@ def build_rows(stress_envelopes: int, icu_envelopes: int) -> list[Rows]:
 
 # -- the two ways to produce a COPY ------------------------------------------------------
 
-def copybin_readings(r: Rows) -> bytes:
-    """What ``TimescaleSink._copy_readings`` encodes."""
-    codes, uniq = copybin.factorize(np.array(r.devices, dtype=object))
-    return copybin.encode_reading_rows(r.num.t, (codes[r.num.env], uniq), r.num.metric, r.num.value, r.num_flags,
-                                       r.num_ingest)
-
-
 def copybin_waveforms(r: Rows) -> bytes:
     w = r.wav
     return copybin.encode_waveform_rows(w.t0, w.device, w.metric, w.hz, w.samples, w.offsets, r.wav_flags, r.wav_ingest)
 
 
-def _us(t_ms: np.ndarray) -> list[int]:
-    return ((np.asarray(t_ms, dtype=np.int64) - copybin.PG_EPOCH_MS) * 1000).tolist()
-
-
 def records_readings(r: Rows) -> list[tuple[Any, ...]]:
-    """Row tuples for ``copy_records_to_table``; time as microseconds since 2000 (tuple codec)."""
+    """What ``TimescaleSink._copy_readings`` hands to ``copy_records_to_table``."""
     n = r.num
-    return list(zip(_us(n.t), n.device.tolist(), n.metric.tolist(), n.value.tolist(), r.num_flags.tolist(),
-                    r.num_ingest.tolist()))
+    return list(copybin.reading_records(n.t, n.device, n.metric, n.value, r.num_flags, r.num_ingest))
 
 
 def records_waveforms(r: Rows) -> list[tuple[Any, ...]]:
@@ -115,15 +107,9 @@ def records_waveforms(r: Rows) -> list[tuple[Any, ...]]:
     offs = w.offsets.tolist()
     samples = w.samples
     blocks = [samples[offs[i]:offs[i + 1]].tolist() for i in range(len(w))]
-    return list(zip(_us(w.t0), w.device.tolist(), w.metric.tolist(), w.hz.tolist(), blocks, r.wav_flags.tolist(),
+    us = ((np.asarray(w.t0, dtype=np.int64) - copybin.PG_EPOCH_MS) * 1000).tolist()
+    return list(zip(us, w.device.tolist(), w.metric.tolist(), w.hz.tolist(), blocks, r.wav_flags.tolist(),
                     r.wav_ingest.tolist()))
-
-
-async def _timestamptz_as_us(conn: asyncpg.Connection) -> None:
-    # asyncpg's fastest input for timestamptz: the binary value itself, microseconds since 2000
-    # (building a datetime per row costs more than the row's whole encoding).
-    await conn.set_type_codec("timestamptz", schema="pg_catalog", encoder=lambda us: (us,),
-                              decoder=lambda t: t[0], format="tuple")
 
 
 async def _once(data: bytes):  # type: ignore[no-untyped-def]
@@ -138,8 +124,7 @@ async def _one(conn: asyncpg.Connection, method: str, table: str, r: Rows) -> di
     await conn.execute(f"TRUNCATE {dst}")
     c0, w0 = time.process_time(), time.perf_counter()
     if method == "copybin":
-        enc = copybin_readings if readings else copybin_waveforms
-        data = enc(r)
+        data = copybin_waveforms(r)
         c1 = time.process_time()
         async with conn.transaction():
             await conn.copy_to_table(dst, source=_once(data), columns=cols, format="binary")
@@ -157,7 +142,7 @@ async def measure(dsn: str, batches: list[Rows], repeats: int) -> list[dict[str,
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
-        await _timestamptz_as_us(conn)
+        await conn.set_type_codec(**copybin.TIMESTAMPTZ_AS_US)
         for table in ("readings", "waveform_blocks"):
             await clone_hypertable(conn, table, f"{table}_copy")
         out = []
@@ -165,13 +150,16 @@ async def measure(dsn: str, batches: list[Rows], repeats: int) -> list[dict[str,
             for table, n in (("readings", len(r.num)), ("waveform_blocks", len(r.wav))):
                 if n == 0:
                     continue
-                for method in ("copybin", "asyncpg"):
+                methods = ("asyncpg",) if table == "readings" else ("copybin", "asyncpg")
+                for method in methods:
                     runs = [await _one(conn, method, table, r) for _ in range(repeats)]
                     await conn.execute(f"DROP TABLE IF EXISTS {table}_{method}; "
                                        f"CREATE TEMP TABLE {table}_{method} AS TABLE {table}_copy")
                     med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                     out.append({"batch": r.name, "table": table, "method": method, "rows": n, **med,
                                 "rows_per_s": n / med["wall_ms"] * 1e3})
+                if len(methods) == 1:
+                    continue
                 diff = await conn.fetchval(
                     f"SELECT count(*) FROM ((TABLE {table}_copybin EXCEPT ALL TABLE {table}_asyncpg) UNION ALL "
                     f"(TABLE {table}_asyncpg EXCEPT ALL TABLE {table}_copybin)) d")

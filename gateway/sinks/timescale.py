@@ -1,4 +1,4 @@
-"""TimescaleDB sink: one transaction per batch, binary COPY for readings and waveforms.
+"""TimescaleDB sink: one transaction per batch, COPY for readings and waveforms.
 
 Deduplication is per envelope, not per reading: ``ingests`` has a unique key on
 (device_id, payload_sha256). A batch first inserts its ingests rows with
@@ -50,6 +50,12 @@ _READING_COLUMNS = ["time", "device_id", "metric", "value", "flags", "ingest_id"
 _WAVEFORM_COLUMNS = ["time", "device_id", "metric", "hz", "samples", "flags", "ingest_id"]
 
 
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # readings are COPYed with time as microseconds since 2000 (see copybin); no query of
+    # this pool reads a timestamptz column back (times come out as epoch-ms bigint).
+    await conn.set_type_codec(**copybin.TIMESTAMPTZ_AS_US)
+
+
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -84,6 +90,7 @@ class TimescaleSink:
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
                 server_settings={"application_name": f"vitalgate:{self._gateway_id}"},
+                init=_init_connection,
             )
             if self._run_migrations:
                 async with self._pool.acquire() as conn:
@@ -190,16 +197,16 @@ class TimescaleSink:
         if len(num) == 0:
             return
         ingest, keep = self._ingest_column(ids, num.env)
-        env_codes, duniq = copybin.factorize(np.array([d.envelope.device_id for d in batch.items], dtype=object))
         if not keep.all():
             sel = np.flatnonzero(keep)
-            t, env, met, val, flg, ingest = num.t[sel], num.env[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
+            if len(sel) == 0:
+                return
+            records = copybin.reading_records(
+                num.t[sel], num.device[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
+            )
         else:
-            t, env, met, val, flg = num.t, num.env, num.metric, num.value, batch.num_flags
-        if len(t) == 0:
-            return
-        data = copybin.encode_reading_rows(t, (env_codes[env], duniq), met, val, flg, ingest)
-        await conn.copy_to_table("readings", source=_once(data), columns=_READING_COLUMNS, format="binary")
+            records = copybin.reading_records(num.t, num.device, num.metric, num.value, batch.num_flags, ingest)
+        await conn.copy_records_to_table("readings", records=records, columns=_READING_COLUMNS)
 
     async def _copy_waveforms(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
         wav = batch.wav
@@ -215,7 +222,7 @@ class TimescaleSink:
             counts = np.diff(wav.offsets)[sel]
             offsets = np.zeros(len(sel) + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
-            samples = wav.samples[copybin._ranges(wav.offsets[:-1][sel], counts)]  # noqa: SLF001
+            samples = wav.samples[copybin.ranges(wav.offsets[:-1][sel], counts)]
         data = copybin.encode_waveform_rows(
             wav.t0[sel], wav.device[sel], wav.metric[sel], wav.hz[sel], samples, offsets,
             batch.wav_flags[sel], ingest[sel],
