@@ -41,7 +41,12 @@ DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
 
 
 class Flag(enum.IntFlag):
-    """Quality flags stored in ``flags`` columns (PROTOCOL section 3)."""
+    """Quality flags stored in ``flags`` columns (PROTOCOL section 3).
+
+    The one definition of the bits: SQL masks, metric labels, replay summaries and the
+    PROTOCOL table are derived from it or tested against it. A new flag takes the next
+    bit, so that ``FLAG_NAMES[i]`` is always bit ``1 << i``.
+    """
 
     OUT_OF_RANGE = 1
     SPIKE = 2
@@ -53,7 +58,7 @@ class Flag(enum.IntFlag):
     NOT_FINITE = 128
 
 
-FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in Flag)  # type: ignore[misc]
+FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in Flag)  # type: ignore[misc]  # FLAG_NAMES[i] is bit 1 << i
 # Readings carrying any of these are artifacts: they never feed physiological alert rules.
 ARTIFACT_FLAGS = int(Flag.OUT_OF_RANGE | Flag.SPIKE | Flag.NOT_FINITE)
 

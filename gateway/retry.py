@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import asyncpg
 
-__all__ = ["Backoff", "is_retriable"]
+__all__ = ["Backoff", "DATABASE_ERRORS", "is_retriable"]
+
+# What a database call may raise; ``is_retriable`` tells which of them are worth a retry.
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
 class Backoff:
-    """Capped exponential backoff with full jitter: delay in [0, min(max_s, initial_s * 2**n)]."""
+    """Capped exponential backoff with full jitter.
+
+    Delay ``n`` (counting from 0) is drawn uniformly from ``[0, min(max_s, initial_s * 2**n)]``:
+    full jitter spreads the retries of many clients that failed together over the whole
+    window instead of bunching them at its end. No delay ever exceeds ``max_s``.
+    """
 
     def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
         self.initial_s = initial_s
@@ -18,18 +27,24 @@ class Backoff:
         self.attempt = 0
         self._rng = rng or random.Random()
 
+    def cap(self) -> float:
+        """The upper bound of the next delay."""
+        # 2**30 keeps the product finite; max_s caps long before that for any sane initial_s.
+        return min(self.max_s, self.initial_s * (2 ** min(self.attempt, 30)))
+
     def next_delay(self) -> float:
-        cap = min(self.max_s, self.initial_s * (2 ** min(self.attempt, 30)))
+        cap = self.cap()
         self.attempt += 1
-        return self._rng.uniform(cap / 4, cap)
+        return self._rng.uniform(0.0, cap)
 
     def reset(self) -> None:
         self.attempt = 0
 
 
-# SQLSTATE classes worth retrying: connection exceptions, insufficient resources,
-# operator intervention (admin shutdown, crash shutdown, cannot connect now), plus
-# serialization failure and deadlock.
+# SQLSTATE classes worth retrying: 08 connection exception, 53 insufficient resources,
+# 57 operator intervention (admin shutdown, crash shutdown, cannot connect now, and 57014
+# query canceled, which is our own command timeout), 58 system error (I/O error); plus the
+# codes 40001 serialization failure, 40P01 deadlock and 55P03 lock not available.
 _RETRIABLE_CLASSES = {"08", "53", "57", "58"}
 _RETRIABLE_CODES = {"40001", "40P01", "55P03"}
 
@@ -44,7 +59,5 @@ def is_retriable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         code = getattr(exc, "sqlstate", None) or ""
-        if code == "57014":  # query_canceled: our own timeout, try again
-            return True
         return code[:2] in _RETRIABLE_CLASSES or code in _RETRIABLE_CODES
     return False

@@ -1,59 +1,62 @@
-"""PostgreSQL binary COPY streams built from numpy columns, without a per-row Python loop.
+"""COPY input for the two hypertables, each in the form that measured fastest.
 
-A binary COPY row is ``int16 field count`` then, per field, ``int32 length`` and the
-value in network byte order. Rows here mix fixed-width fields (timestamps, numbers) and
-variable-width ones (text from a small set of distinct strings, ``real[]`` arrays), so
-each field becomes a flat byte array plus a per-row length, and one vectorized scatter
-assembles the rows.
+``waveform_blocks``: a binary COPY stream built here. Each block is one row whose
+``real[]`` array is taken from one numpy conversion of all samples, with one ``struct``
+pack per block for the rest; asyncpg's ``copy_records_to_table`` would need a Python list
+per block and encodes each sample on its own.
+
+``readings``: row tuples for asyncpg's ``copy_records_to_table``, with ``time`` given as
+microseconds since 2000 (the connection's ``timestamptz`` codec, ``TIMESTAMPTZ_AS_US``).
+A numpy-built binary stream for readings was measured too and lost, so it was removed.
+
+Measured with ``python -m bench.copybin`` (7 repeats, medians; 2 cores, shared machine;
+client CPU = this process's CPU for encode + COPY)::
+
+    batch   table            method      rows  client CPU ms  wall ms   rows/s
+    stress  readings         numpy bin  20000          36.5    185.2  107,988
+    stress  readings         asyncpg    20000          16.6    124.3  160,846
+    icu     readings         numpy bin   5000           4.6     31.5  158,606
+    icu     readings         asyncpg     5000           3.9     29.1  171,710
+    icu     waveform_blocks  copybin     1500           9.3     27.5   54,511
+    icu     waveform_blocks  asyncpg     1500          69.3    125.0   12,003
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "fixed", "timestamptz_ms", "text", "encode_rows", "encode_waveform_rows"]
+__all__ = ["HEADER", "TRAILER", "PG_EPOCH_MS", "TIMESTAMPTZ_AS_US", "reading_records", "ranges", "encode_waveform_rows"]
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
 PG_EPOCH_MS = 946_684_800_000  # 2000-01-01T00:00:00Z in Unix epoch milliseconds
 _FLOAT4_OID = 700
 
-# A field: (per-row byte lengths, flat bytes of all rows, fixed width or 0)
-Field = tuple[np.ndarray, np.ndarray, int]
+# ``Connection.set_type_codec`` arguments: timestamptz in and out as an int of microseconds
+# since 2000, its binary form (a datetime per row would cost more than the row's encoding).
+TIMESTAMPTZ_AS_US: dict[str, Any] = {
+    "typename": "timestamptz", "schema": "pg_catalog", "format": "tuple",
+    "encoder": lambda us: (us,), "decoder": lambda t: t[0],
+}
 
 
-def fixed(values: np.ndarray, dtype: str) -> Field:
-    """A fixed-width field (``>i4``, ``>i8``, ``>f8``, ...), each value prefixed with its length."""
-    n = len(values)
-    width = np.dtype(dtype).itemsize
-    rec = np.empty(n, dtype=[("len", ">i4"), ("v", dtype)])
-    rec["len"] = width
-    rec["v"] = values
-    return np.full(n, width + 4, dtype=np.int64), rec.view(np.uint8), width + 4
+def _us(t_ms: np.ndarray) -> list[int]:
+    return ((np.asarray(t_ms, dtype=np.int64) - PG_EPOCH_MS) * 1000).tolist()
 
 
-def timestamptz_ms(ms: np.ndarray) -> Field:
-    """``timestamptz`` from Unix epoch milliseconds (PostgreSQL counts microseconds from 2000)."""
-    return fixed((np.asarray(ms, dtype=np.int64) - PG_EPOCH_MS) * 1000, ">i8")
+def reading_records(
+    t_ms: np.ndarray, device: np.ndarray, metric: np.ndarray, value: np.ndarray, flags: np.ndarray, ingest_id: np.ndarray
+) -> Iterator[tuple[int, str, str, float, int, int]]:
+    """Rows of ``readings`` (time, device_id, metric, value, flags, ingest_id) for a connection
+    with ``TIMESTAMPTZ_AS_US``."""
+    return zip(_us(t_ms), device.tolist(), metric.tolist(), value.tolist(), flags.tolist(), ingest_id.tolist())
 
 
-def text(codes: np.ndarray, uniques: Sequence[str]) -> Field:
-    """A text field given as codes into ``uniques`` (as from ``np.unique(..., return_inverse=True)``)."""
-    encoded = [u.encode() for u in uniques]
-    u_len = np.array([len(e) + 4 for e in encoded], dtype=np.int64)
-    pool = b"".join(len(e).to_bytes(4, "big") + e for e in encoded)
-    pool_arr = np.frombuffer(pool, dtype=np.uint8)
-    u_start = np.zeros(len(encoded), dtype=np.int64)
-    np.cumsum(u_len[:-1], out=u_start[1:])
-    lengths = u_len[codes]
-    flat = pool_arr[_ranges(u_start[codes], lengths)]
-    return lengths, flat, 0
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + l)`` for each (s, l), vectorized."""
     total = int(lengths.sum())
     if total == 0:
@@ -66,30 +69,6 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     # at each row boundary, jump from the previous row's last index to this row's start
     idx[(e - l)[1:]] = s[1:] - (s[:-1] + l[:-1] - 1)
     return np.cumsum(idx)
-
-
-def encode_rows(fields: Sequence[Field], *, header: bool = True) -> bytes:
-    """Assemble rows of the given fields into one binary COPY stream."""
-    n = len(fields[0][0])
-    row_len = np.full(n, 2, dtype=np.int64)
-    for lengths, _, _ in fields:
-        row_len += lengths
-    row_start = np.zeros(n, dtype=np.int64)
-    np.cumsum(row_len[:-1], out=row_start[1:])
-    body = np.empty(int(row_len.sum()), dtype=np.uint8)
-    count = np.array([len(fields)], dtype=">i2").view(np.uint8)
-    body[(row_start[:, None] + np.arange(2)).ravel()] = np.tile(count, n)
-    pos = row_start + 2
-    for lengths, flat, width in fields:
-        if width:
-            body[(pos[:, None] + np.arange(width)).ravel()] = flat
-        else:
-            body[_ranges(pos, lengths)] = flat
-        pos = pos + lengths
-    parts = [HEADER] if header else []
-    parts.append(body.tobytes())
-    parts.append(TRAILER)
-    return b"".join(parts)
 
 
 _WAVE_HEAD = struct.Struct(">hiq")  # field count, time length, time
