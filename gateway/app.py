@@ -13,8 +13,7 @@ import logging
 import os
 import signal
 
-from gateway.checks import CheckSettings
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, pending_budget
 from gateway.errors import SinkError
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, PipelineSettings
@@ -30,20 +29,6 @@ from gateway.workers.router import Router
 __all__ = ["Gateway", "pending_budget"]
 
 log = logging.getLogger(__name__)
-
-# Memory bound (max_memory_mib): what the process needs besides the payloads it holds
-# (interpreter, numpy, modules, one batch's columns and COPY buffer), and what a held
-# payload costs resident per byte of payload: a decoded ICU-bed envelope (10 numerics,
-# ECG 250 Hz, pleth 125 Hz, resp 62.5 Hz; 3.6 KiB of JSON) holds 6.7 times its size
-# (3.8 as MessagePack), measured with gateway.decode on this code.
-_BASE_MIB = 160
-_DECODED_FACTOR = 8
-
-
-def pending_budget(max_memory_mib: int) -> int:
-    """Payload bytes the pipeline may hold unacknowledged (``max_pending_bytes``) under the bound."""
-    return max(4 << 20, ((max_memory_mib - _BASE_MIB) << 20) // _DECODED_FACTOR)
-
 
 class Gateway:
     """One gateway process: sources, pipeline and sink, with a graceful lifecycle."""
@@ -101,26 +86,9 @@ class Gateway:
             self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
                                      retry_initial_s=cfg.retry.initial_s, retry_max_s=cfg.retry.max_s)
             await self.registry.start(cfg.database.url)
-        self.pipeline = Pipeline(
-            profiles=profiles,
-            sink=self.sink,
-            metrics=self.metrics,
-            registry=self.registry,
-            settings=PipelineSettings(
-                max_rows=cfg.batch.max_rows,
-                max_bytes=cfg.batch.max_bytes,
-                max_age_s=cfg.batch.max_age_s,
-                max_payload_bytes=cfg.max_payload_bytes,
-                default_profile=cfg.profiles.default,
-                require_registration=cfg.auth.require_registration,
-                retry_initial_s=cfg.retry.initial_s,
-                retry_max_s=cfg.retry.max_s,
-                max_pending_bytes=pending_budget(cfg.max_memory_mib),
-                checks=CheckSettings(
-                    max_clock_skew_s=cfg.checks.max_clock_skew_s, max_staleness_s=cfg.checks.max_staleness_s
-                ),
-            ),
-        )
+        # one object is both the write side and the state the checks read back
+        self.pipeline = Pipeline(profiles=profiles, sink=self.sink, store=self.sink, metrics=self.metrics,
+                                 registry=self.registry, settings=PipelineSettings.from_config(cfg))
         pipeline = self.pipeline
         intake: Pipeline | Router = pipeline
         held_fraction = lambda: pipeline.pending_bytes / pipeline.settings.max_pending_bytes  # noqa: E731

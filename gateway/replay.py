@@ -2,8 +2,13 @@
 
 A recording holds one JSON envelope per line, optionally with ``"received_at"`` (epoch ms)
 beside the envelope's fields. Every line goes through the live code path - the same
-``decode``, ``run_checks`` and ``AlertEngine`` - with no database and no broker, and the
-result is printed as NDJSON: alert events and rejected lines in file order, then a summary.
+``decode`` and the same ``Evaluator`` (dedupe -> checks -> alert rules) as the pipeline -
+with no database and no broker, and the result is printed as NDJSON: alert events and
+rejected lines in file order, then a summary.
+
+A repeated envelope (same ``device_id`` and the same line bytes, as live keys a payload on
+its SHA-256) is evaluated once, as live stores it once: the repeat adds no alert, no flags
+and no count in the summary.
 
 The gateway clock is the latest receipt time seen so far (a line without ``received_at`` is
 received at its latest reading time). The engine's clock ticks after every line. Lines are
@@ -23,17 +28,17 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from gateway.checks import CheckSettings, CheckState, run_checks
-from gateway.decode import Decoded, decode, to_columns
+from gateway.checks import CheckSettings
+from gateway.decode import Decoded, decode
 from gateway.errors import RejectError
+from gateway.evaluate import Evaluator, Key, flag_counts
 from gateway.model import FLAG_NAMES, AlertEvent
+from gateway.pipeline import PipelineSettings
 from gateway.profiles import Profile
-from gateway.rules import AlertEngine
 
 __all__ = ["Replay", "alert_record"]
 
 CHUNK = 512
-_FLAG_BITS = tuple(1 << i for i in range(len(FLAG_NAMES)))
 
 
 class _Receipt(msgspec.Struct):
@@ -68,7 +73,7 @@ class _Totals:
 
 
 class Replay:
-    """The replay of one recording: state of the checks and alert rules, the clock, totals."""
+    """The replay of one recording: the evaluator's state, the envelopes seen, the clock, totals."""
 
     def __init__(self, profiles: Mapping[str, Profile], default_profile: str | None = None, settings: CheckSettings | None = None) -> None:
         """Create a replay.
@@ -80,11 +85,12 @@ class Replay:
         """
         self.profiles = profiles
         self.default_profile = default_profile
-        self.settings = settings or CheckSettings()
-        self.state = CheckState()
-        self.engine = AlertEngine(profiles)
+        self.settings = settings or PipelineSettings().checks
+        self.evaluator = Evaluator(profiles, self.settings)
+        self.engine = self.evaluator.engine
         self.clock: int | None = None
         self.totals = _Totals()
+        self._seen: set[Key] = set()  # envelopes evaluated: a repeat of one is a redelivery
         self._silent_floor = min(
             (round(r.after_s * 1000) for p in profiles.values() for r in p.alerts if r.when == "silent"),  # type: ignore[operator]
             default=None,
@@ -120,9 +126,11 @@ class Replay:
         }
 
     def _decode(self, number: int, raw: bytes) -> _Line:
-        d = decode(raw, content_type="application/json", profiles=self.profiles, default_profile=self.default_profile)
+        # the line without its ending is the payload live would receive and hash
+        payload = raw.rstrip(b"\r\n")
+        d = decode(payload, content_type="application/json", profiles=self.profiles, default_profile=self.default_profile)
         try:
-            received = _RECEIPT.decode(raw).received_at
+            received = _RECEIPT.decode(payload).received_at
         except msgspec.ValidationError:
             raise RejectError("received_at: expected integer epoch milliseconds", d.device_id) from None
         return _Line(number, d, d.latest_t if received is None else received)
@@ -154,16 +162,16 @@ class Replay:
         return int(clocks[-2]) <= bound
 
     def _process(self, lines: Sequence[_Line], clock: int) -> Iterator[dict[str, Any]]:
-        num, wav = to_columns([x.decoded for x in lines], [x.received_at for x in lines])
-        nflags, wflags = run_checks(num, wav, self.profiles, self.state, self.settings)
-        events = self.engine.evaluate(num, nflags, wav)
+        ev = self.evaluator.evaluate([x.decoded for x in lines], [x.received_at for x in lines], self._seen)
+        self._seen.update(ev.keys)
+        events = ev.events
         self.clock = clock
-        events += self.engine.tick(clock)
+        events += self.evaluator.tick(clock)
         t = self.totals
-        t.envelopes += len(lines)
-        t.readings += len(num)
-        t.waveform_samples += len(wav.samples)
-        for i, bit in enumerate(_FLAG_BITS):
-            t.flags[i] += int(np.count_nonzero(nflags & bit)) + int(np.count_nonzero(wflags & bit))
+        t.envelopes += len(ev.items)
+        t.readings += len(ev.num)
+        t.waveform_samples += len(ev.wav.samples)
+        for i, n in enumerate(flag_counts(ev.num_flags, ev.wav_flags)):
+            t.flags[i] += n
         for e in events:
             yield alert_record(e)

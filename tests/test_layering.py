@@ -25,10 +25,25 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                         "gateway.registry"),
     "gateway.sinks": ("gateway.sinks", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics",
                       "gateway.retry", "gateway.decode"),
-    "gateway.pipeline": ("gateway.decode", "gateway.checks", "gateway.rules", "gateway.model", "gateway.errors",
-                         "gateway.metrics", "gateway.profiles", "gateway.retry", "gateway.sinks", "gateway.registry"),
+    "gateway.clock": (),
+    "gateway.settings": ("gateway.checks", "gateway.config"),
+    "gateway.evaluate": ("gateway.decode", "gateway.checks", "gateway.rules", "gateway.model", "gateway.profiles",
+                         "gateway.errors"),
+    # the rooms of the pipeline
+    "gateway.identity": ("gateway.model", "gateway.errors", "gateway.registry"),
+    "gateway.batching": ("gateway.clock", "gateway.decode", "gateway.evaluate", "gateway.model", "gateway.sinks"),
+    "gateway.writepolicy": ("gateway.errors", "gateway.metrics", "gateway.model", "gateway.retry", "gateway.sinks"),
+    "gateway.restore": ("gateway.decode", "gateway.errors", "gateway.evaluate", "gateway.model", "gateway.profiles",
+                        "gateway.sinks"),
+    "gateway.ticker": ("gateway.clock", "gateway.evaluate", "gateway.model"),
+    "gateway.acks": ("gateway.batching", "gateway.clock", "gateway.evaluate", "gateway.metrics", "gateway.model",
+                     "gateway.sinks"),
+    "gateway.pipeline": ("gateway.decode", "gateway.checks", "gateway.model", "gateway.errors", "gateway.metrics",
+                         "gateway.profiles", "gateway.sinks", "gateway.registry", "gateway.settings", "gateway.clock",
+                         "gateway.evaluate", "gateway.identity", "gateway.batching", "gateway.writepolicy",
+                         "gateway.restore", "gateway.ticker", "gateway.acks"),
 }
-PURE = ("gateway.checks", "gateway.rules", "gateway.registry_import")
+PURE = ("gateway.checks", "gateway.rules", "gateway.evaluate", "gateway.registry_import")
 IMPURE_LIBS = ("asyncio", "asyncpg", "aiomqtt", "paho", "aiohttp", "prometheus_client", "time", "socket")
 
 

@@ -73,7 +73,7 @@ def raw(seq: int, events: list, device: str = "po-1", payload: bytes | None = No
 
 def make(sink: MemorySink, **kw: object) -> Pipeline:
     settings = PipelineSettings(max_rows=kw.pop("max_rows", 100), max_age_s=kw.pop("max_age_s", 0.01),  # type: ignore[arg-type]
-                                retry_initial_s=0.001, retry_max_s=0.01)
+                                retry_initial_s=0.001, retry_max_s=0.01, require_registration=False)
     return Pipeline(profiles=P, sink=sink, settings=settings)
 
 
@@ -329,24 +329,54 @@ def envelope_at(t_ms: int, seq: int, device: str = "po-1") -> RawMessage:
     return RawMessage(body, "mqtt", device, f"devices/{device}/telemetry", t_ms, topic_device_id=device)
 
 
+class ManualClock:
+    """A ``Clock`` the test moves: ``advance`` moves monotonic and wall time together."""
+
+    def __init__(self, wall: float) -> None:
+        self._mono = 0.0
+        self._wall = wall
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def wall(self) -> float:
+        return self._wall
+
+    def advance(self, s: float) -> None:
+        self._mono += s
+        self._wall += s
+
+
 async def test_silent_checks_wait_while_a_backlog_drains_and_open_with_the_contract_time_after():
     """probe_silent (after_s 30). While the gateway takes 60-s-old readings (a backlog) its
     silent tick waits: the devices' messages are at the broker, not missing. Once old readings
     stop for ``behind_hold_s``, the tick runs and each quiet device opens with
-    at = latest + 30 s, as the contract says."""
+    at = latest + 30 s, as the contract says. The test moves the pipeline's clock by hand."""
     now = float(T + 500_000) / 1000
+    clock = ManualClock(now)
     sink = AlertSink([])
-    pipe = Pipeline(profiles=P, sink=sink, clock=lambda: now, settings=PipelineSettings(
-        max_age_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, tick_s=0.02, behind_hold_s=0.3))
+    pipe = Pipeline(profiles=P, sink=sink, clock=clock, settings=PipelineSettings(
+        max_age_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, tick_s=0.02, behind_hold_s=0.3,
+        require_registration=False))
+    ticker = pipe._ticker
     task = asyncio.create_task(pipe.run())
     old = int(now * 1000) - 60_000
     for k in range(8):
         pipe.submit(envelope_at(old + k * 10, k))
-        await asyncio.sleep(0.1)  # input pacing: a backlog of old readings keeps arriving for 0.8 s
+        clock.advance(0.1)  # input pacing: a backlog of old readings keeps arriving for 0.8 s
+        await await_for(lambda: pipe.in_flight == 0, timeout=5)
+        deferred = ticker.deferred
+        clock.advance(0.02)  # a tick is due
+        await await_for(lambda: ticker.deferred > deferred, timeout=5, message="a tick came due while behind")
         assert not sink.alerts, "no silent episode while the gateway is behind"
-    caught_up = time.monotonic()
+    caught_up = clock.monotonic()
+    clock.advance(0.2)  # within the hold after the last old batch
+    deferred = ticker.deferred
+    await await_for(lambda: ticker.deferred > deferred, timeout=5, message="a tick came due within the hold")
+    assert not sink.alerts, "the tick waits out the hold after the last old batch"
+    clock.advance(0.2)
     await await_for(lambda: bool(sink.alerts), timeout=5)
-    assert time.monotonic() - caught_up >= 0.2, "the tick waited out the hold after the last old batch"
+    assert clock.monotonic() - caught_up >= 0.2, "the tick waited out the hold after the last old batch"
     assert [(a.event, a.device_id, a.rule, a.at) for a in sink.alerts] == [("open", "po-1", "probe_silent", old + 70 + 30_000)]
     pipe.stop()
     await task

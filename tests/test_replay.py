@@ -155,3 +155,22 @@ def test_cli_replay_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", "--profiles", str(PROFILES_DIR), str(EXAMPLES / "silent_device.ndjson")]) == 0
     out = capsys.readouterr().out
     assert out == (EXAMPLES / "silent_device.expected.ndjson").read_text()
+
+
+def test_a_repeated_envelope_is_evaluated_once_as_live_stores_it_once() -> None:
+    """Redeliveries (identical lines, next to each other and far apart) add no alert, no flag
+    and no count: the output equals that of the recording without them, whatever the chunking."""
+    lines = [line.rstrip(b"\n") for line in _all_lines()]
+    repeated = [*lines[:5], lines[3], *lines[5:40], lines[2], lines[2], *lines[40:], lines[10], lines[-1]]
+    once = _records(lines, 512)
+    for chunk in (1, 7, 512):
+        assert _records(repeated, chunk) == once
+    # the same line with and without its line ending is the same payload
+    assert _records([*lines[:3], lines[1] + b"\r\n"], 512) == _records(lines[:3], 512)
+
+
+def test_envelopes_that_differ_in_a_byte_are_both_evaluated() -> None:
+    line = orjson.dumps({"v": 1, "device_id": "po-9", "profile": "pulse_oximeter", "seq": 1,
+                         "numerics": [{"t": T0, "values": {"spo2": 97}}]})
+    assert _records([line, line.replace(b'"seq":1', b'"seq":2')], 512)[-1]["envelopes"] == 2
+    assert _records([line, line], 512)[-1]["envelopes"] == 1

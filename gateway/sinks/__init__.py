@@ -1,4 +1,8 @@
-"""Sinks: where accepted envelopes, their readings, alerts and rejects are stored."""
+"""Sinks: where accepted envelopes, their readings, alerts and rejects are stored.
+
+``Sink`` is the write side; ``StateStore`` the reads the pipeline needs back (dedupe against
+what is stored, state restore after a restart). ``TimescaleSink`` is both.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import numpy as np
 from gateway.decode import Decoded
 from gateway.model import AlertEvent, AuditEvent, NumericColumns, RawMessage, WaveformColumns
 
-__all__ = ["Rejected", "WriteBatch", "OpenEpisode", "History", "Sink"]
+__all__ = ["Rejected", "WriteBatch", "OpenEpisode", "History", "Sink", "StateStore"]
 
 
 @dataclass(slots=True)
@@ -75,10 +79,21 @@ class History:
 
 
 class Sink(Protocol):
-    """Durable storage. ``write`` is all-or-nothing: one transaction per batch."""
+    """The write side of durable storage. ``write`` is all-or-nothing: one transaction per batch."""
 
     async def start(self) -> None:
         """Connect (and migrate); raise ``SinkError`` when storage cannot be reached."""
+
+    async def write(self, batch: WriteBatch) -> list[int | None]:
+        """Commit the batch; return the ingest id per envelope (``None``: stored before)."""
+
+    async def close(self) -> None:
+        """Close connections; returns once in-flight writes are finished or abandoned."""
+
+
+class StateStore(Protocol):
+    """What the pipeline reads back from storage: which envelopes are stored (dedupe) and the
+    state to restore after a restart. A sink that keeps no such state pairs with another store."""
 
     async def known(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
         """The (device_id, payload_sha256) pairs among ``keys`` that are already stored, with their ingest ids."""
@@ -88,9 +103,3 @@ class Sink(Protocol):
     ) -> History:
         """What is stored about ``devices`` (see ``History``): their open alert episodes, and
         the latest rows of the (device, metric) pairs ``numeric`` and ``waveform``."""
-
-    async def write(self, batch: WriteBatch) -> list[int | None]:
-        """Commit the batch; return the ingest id per envelope (``None``: stored before)."""
-
-    async def close(self) -> None:
-        """Close connections; returns once in-flight writes are finished or abandoned."""

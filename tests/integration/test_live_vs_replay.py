@@ -63,6 +63,37 @@ def episodes_from_replay(records: list[dict]) -> list[tuple]:
 @pytest.mark.parametrize("name", RECORDINGS)
 def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
     lines = shifted(name, int(time.time() * 1000))
+    summary, live_episodes = live_equals_replay(lines, db_dsn, broker, gateway_factory)
+    assert sum(summary["flags"].values()) > 0 or name == "desaturation"
+    if name == "desaturation":
+        assert any(e[1] == "spo2_low" for e in live_episodes)
+
+
+def test_live_and_replay_agree_on_redeliveries_out_of_order_and_duplicate_envelopes(db_dsn, broker, gateway_factory):
+    """A recording as a broker delivers it after reconnects: identical lines again (next to the
+    original and far from it), envelopes out of order, and a second envelope with the same seq
+    but other bytes. Live stores each payload once; replay must count, flag and alert the same."""
+    now = int(time.time() * 1000)
+    desat, frozen = shifted("desaturation", now), shifted("frozen_sensor", now)
+    base = [x for pair in zip(desat, frozen) for x in pair] + desat[len(frozen):] + frozen[len(desat):]
+    lines = list(base)
+    lines[20], lines[23] = lines[23], lines[20]  # out of order
+    resent = orjson.loads(base[15])
+    resent["seq_note"] = "resent"  # same seq, other bytes (unknown fields are ignored): a distinct envelope
+    lines.insert(16, orjson.dumps(resent))
+    lines.insert(11, lines[10])  # redelivered at once
+    lines.insert(24, lines[3])  # redelivered far from the original
+    lines += [lines[8], lines[0], lines[8]]  # redelivered at the end, twice
+    unique = len(set(lines))
+    assert unique == len(base) + 1 and len(lines) - unique == 5
+    summary, _ = live_equals_replay(lines, db_dsn, broker, gateway_factory, stored=unique)
+    assert summary["envelopes"] == unique
+    assert summary["flags"]["OUT_OF_ORDER"] > 0 and summary["flags"]["FLATLINE"] > 0
+
+
+def live_equals_replay(lines: list[bytes], db_dsn, broker, gateway_factory, *, stored: int | None = None):  # noqa: ANN001, ANN201
+    """Replay ``lines``, publish them over MQTT (QoS 1) to a gateway and assert that the flags,
+    readings, alert episodes and published alert events agree. Returns (summary, live episodes)."""
     replay = Replay(load_profiles(PROFILES))
     records = list(replay.feed(lines)) + [replay.summary()]
     summary = records[-1]
@@ -89,14 +120,14 @@ def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
         pub.publish(f"devices/{env['device_id']}/telemetry", line)
     pub.wait_acked()
     pub.close()
-    wait_ingests(db_dsn, len(lines), timeout=60, gw=gw)
+    wait_ingests(db_dsn, len(lines) if stored is None else stored, timeout=60, gw=gw)
+    assert count(db_dsn, "SELECT count(*) FROM ingests") == summary["envelopes"]
 
     for bit, flag in enumerate(FLAG_NAMES):
         live = count(db_dsn, f"SELECT (SELECT count(*) FROM readings WHERE flags & {1 << bit} <> 0)"
                              f" + (SELECT count(*) FROM waveform_blocks WHERE flags & {1 << bit} <> 0)")
         assert live == summary["flags"][flag], flag
     assert count(db_dsn, "SELECT count(*) FROM readings") == summary["readings"]
-    assert sum(summary["flags"].values()) > 0 or name == "desaturation"
 
     rows = fetch(db_dsn, """SELECT device_id, rule, priority, metric,
                                    (extract(epoch FROM opened_at) * 1000)::bigint AS o, trigger_value,
@@ -104,8 +135,6 @@ def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
                               FROM alerts WHERE rule NOT LIKE '%silent' ORDER BY device_id, rule, opened_at""")
     live_episodes = [tuple(r) for r in rows]
     assert live_episodes == episodes_from_replay(records)
-    if name == "desaturation":
-        assert any(e[1] == "spo2_low" for e in live_episodes)
 
     # every alert event was also published on alerts/{device_id}, as replay prints it
     expected = [{k: v for k, v in r.items()} for r in records if r["type"] == "alert" and not r["rule"].endswith("silent")]
@@ -117,3 +146,4 @@ def test_live_and_replay_agree(name: str, db_dsn, broker, gateway_factory):
     assert [a["topic"] for a in got] == [f"alerts/{e['device_id']}" for e in expected]
     assert [{k: v for k, v in a.items() if k != "topic"} for a in got] == expected
     assert gw.terminate() == 0
+    return summary, live_episodes

@@ -1,0 +1,70 @@
+"""The tick of the silent-device checks, and the detection that the gateway itself is behind.
+
+Every ``tick_s`` the alert rules' clock advances to the wall time, which opens ``silent``
+episodes for devices that stopped sending. That tick waits while the gateway is behind: its
+payload budget was full (``backed_up``), or the newest reading of a batch lagged the wall
+clock by more than ``behind_lag_s``, within the last ``behind_hold_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from gateway.clock import Clock
+from gateway.evaluate import Evaluator
+from gateway.model import AlertEvent
+
+__all__ = ["Ticker"]
+
+log = logging.getLogger(__name__)
+
+
+class Ticker:
+    """When the next tick is due, and whether it runs or waits."""
+
+    def __init__(self, evaluator: Evaluator, clock: Clock, *, tick_s: float, behind_lag_s: float,
+                 behind_hold_s: float) -> None:
+        self.evaluator = evaluator
+        self.clock = clock
+        self.tick_s = tick_s
+        self.behind_lag_s = behind_lag_s
+        self.behind_hold_s = behind_hold_s
+        self.next_tick = clock.monotonic() + tick_s
+        self.deferred = 0  # ticks that waited because the gateway was behind
+        self._behind_until = 0.0  # monotonic time until which ticks wait
+        self._deferring = False
+
+    def start(self) -> None:
+        self.next_tick = self.clock.monotonic() + self.tick_s
+
+    def due(self, *, backed_up: bool, held_bytes: int) -> list[AlertEvent]:
+        """The tick's alert events when one is due and the gateway is not behind, else none."""
+        now = self.clock.monotonic()
+        if now < self.next_tick:
+            return []
+        self.next_tick = now + self.tick_s
+        if backed_up:
+            self._behind_until = now + self.behind_hold_s
+        if now < self._behind_until:
+            # While a backlog drains, the devices' messages wait at the broker: they are not
+            # silent, the gateway is behind. Ticking now would open and close a ``silent``
+            # episode per device and second. Once caught up the tick runs, and a device that
+            # really went quiet opens with the same ``at`` (its latest reading + after_s).
+            self.deferred += 1
+            if not self._deferring:
+                self._deferring = True
+                log.warning("Intake is behind; silent-device checks wait until it has caught up.",
+                            extra={"held_mib": held_bytes >> 20})
+            return []
+        if self._deferring:
+            self._deferring = False
+            log.info("Intake caught up; silent-device checks resume.")
+        return self.evaluator.tick(int(self.clock.wall() * 1000))
+
+    def note_lag(self, num_t: np.ndarray, wav_t0: np.ndarray) -> None:
+        """Remember that the gateway is behind when even the newest reading of a batch is old."""
+        newest = max(int(num_t.max()) if len(num_t) else 0, int(wav_t0.max()) if len(wav_t0) else 0)
+        if newest and self.clock.wall() * 1000 - newest > self.behind_lag_s * 1000:
+            self._behind_until = self.clock.monotonic() + self.behind_hold_s
