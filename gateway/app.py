@@ -21,6 +21,7 @@ from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
 from gateway.registry import Registry
 from gateway.retry import Backoff
+from gateway.sinks.alerts import AlertPublication
 from gateway.sinks.timescale import TimescaleSink
 from gateway.sources.http import HttpSource
 from gateway.sources.mqtt import MqttSource
@@ -140,7 +141,9 @@ class Gateway:
                 max_memory_bytes=cfg.max_memory_mib << 20,
                 share_group=cfg.mqtt.share_group if cfg.workers > 1 else None,
             )
-            self.pipeline.add_alert_publisher(self.mqtt.publish_alerts)
+            alerts = AlertPublication(self.mqtt, topic=cfg.mqtt.alerts_topic, max_queued=cfg.mqtt.alerts_max_queued,
+                                      metrics=self.metrics)
+            self.pipeline.add_alert_publisher(alerts.publish)
         if cfg.http.enabled:
             assert self.registry is not None
             self.http = HttpSource(cfg.http, intake=intake, registry=self.registry, metrics=self.metrics,
