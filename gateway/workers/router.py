@@ -33,7 +33,7 @@ from gateway.pipeline import Pipeline
 from gateway.retry import Backoff
 from gateway.workers import owner_of
 from gateway.workers.frames import (
-    HEADER, MAX_FRAME, Done, Forward, decoder, forward_frame, frame, read_frame, socket_path,
+    HEADER, MAX_FRAME, Done, Forward, decoder, forward_frame, frame, raw_of, read_frame, socket_path,
 )
 
 __all__ = ["Router"]
@@ -198,10 +198,7 @@ class _OwnerLink(asyncio.Protocol):
                 pos += 4 + n
                 if not isinstance(msg, Forward):
                     raise ValueError("unexpected frame from a worker")
-                raw = RawMessage(payload=msg.payload, source=msg.source, principal=msg.principal,  # type: ignore[arg-type]
-                                 topic_or_path=msg.topic, received_at_ms=msg.received_at_ms,
-                                 content_type=msg.content_type, topic_device_id=msg.topic_device_id,
-                                 on_outcome=self._answer(msg.id), remote_addr=msg.remote_addr)
+                raw = raw_of(msg, on_outcome=self._answer(msg.id))
                 try:
                     pipeline.submit(raw)
                 except RuntimeError:  # stopping: the sender keeps it
