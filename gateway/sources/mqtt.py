@@ -41,11 +41,11 @@ from gateway.config import MqttConfig
 from gateway.metrics import Metrics
 from gateway.model import RawMessage
 from gateway.retry import Backoff
-from gateway.sources import Submit
+from gateway.sources import SourceContext, Submit
 from gateway.sources import paho_speed
 from gateway.sources.mqtt_flow import OrderedAcks, ReadGate, resident_bytes
 
-__all__ = ["MqttSource", "OrderedAcks", "parse_url", "resident_bytes"]  # the last two from mqtt_flow
+__all__ = ["MqttSource", "build", "OrderedAcks", "parse_url", "resident_bytes"]  # the last two from mqtt_flow
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ def parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return host, port, tls, user, password
+
+
+def build(cfg: MqttConfig, ctx: SourceContext) -> MqttSource:
+    """The MQTT source of the ``mqtt`` section (``gateway.sources.SOURCES``)."""
+    intake = ctx.intake
+    return MqttSource(
+        cfg, client_id=cfg.client_id_for(ctx.gateway_id), submit=intake.submit, metrics=ctx.metrics,
+        backed_up=lambda: intake.backed_up, held_fraction=ctx.held_fraction, max_memory_bytes=ctx.max_memory_bytes,
+        share_group=cfg.share_group if ctx.workers > 1 else None,
+    )
 
 
 class MqttSource:
@@ -175,6 +185,9 @@ class MqttSource:
             )
         )
         self._gate.after_take()
+
+    async def start(self) -> None:
+        """Nothing to bind: ``run()`` connects, and reconnects while the broker is away."""
 
     def stop_intake(self) -> None:
         self._taking = False
