@@ -20,9 +20,9 @@ from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
 from gateway.registry import Registry
 from gateway.retry import Backoff
+from gateway.sinks.alerts import AlertPublication
 from gateway.sinks.timescale import TimescaleSink
-from gateway.sources.http import HttpSource
-from gateway.sources.mqtt import MqttSource
+from gateway.sources import SOURCES, Source, SourceContext
 from gateway.workers import ENV_DIR, worker_index
 from gateway.workers.router import Router
 
@@ -40,8 +40,7 @@ class Gateway:
         self.force_exit = asyncio.Event()
         self.pipeline: Pipeline | None = None
         self.sink: TimescaleSink | None = None
-        self.mqtt: MqttSource | None = None
-        self.http: HttpSource | None = None
+        self.sources: dict[str, Source] = {}  # enabled sources by config section, in ``SOURCES`` order
         self.registry: Registry | None = None  # devices and API keys, when registration is required or HTTPS is on
         self.router: Router | None = None  # with workers > 1
         self.intake: Pipeline | Router | None = None  # what the sources hand payloads to
@@ -82,7 +81,8 @@ class Gateway:
                     await asyncio.wait_for(self.should_exit.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
-        if cfg.auth.require_registration or cfg.http.enabled:
+        enabled = [(name, kind, getattr(cfg, name)) for name, kind in SOURCES.items() if getattr(cfg, name).enabled]
+        if cfg.auth.require_registration or any(kind.needs_registry for _, kind, _ in enabled):
             self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
                                      retry_initial_s=cfg.retry.initial_s, retry_max_s=cfg.retry.max_s)
             await self.registry.start(cfg.database.url)
@@ -101,19 +101,18 @@ class Gateway:
             held_fraction = self.router.held_fraction
         self.intake = intake
         self.metrics.pending_bytes.set_function(lambda: intake.pending_bytes)
-        if cfg.mqtt.enabled:
-            self.mqtt = MqttSource(
-                cfg.mqtt, client_id=cfg.mqtt_client_id, submit=intake.submit, metrics=self.metrics,
-                backed_up=lambda: intake.backed_up, held_fraction=held_fraction,
-                max_memory_bytes=cfg.max_memory_mib << 20,
-                share_group=cfg.mqtt.share_group if cfg.workers > 1 else None,
-            )
-            self.pipeline.add_alert_publisher(self.mqtt.publish_alerts)
-        if cfg.http.enabled:
-            assert self.registry is not None
-            self.http = HttpSource(cfg.http, intake=intake, registry=self.registry, metrics=self.metrics,
-                                   gateway_id=cfg.gateway_id, reuse_port=cfg.workers > 1)
-            await self.http.start()  # binds now: a taken port or a bad certificate stops start-up
+        context = SourceContext(intake=intake, metrics=self.metrics, registry=self.registry, gateway_id=cfg.gateway_id,
+                                workers=cfg.workers, held_fraction=held_fraction,
+                                max_memory_bytes=cfg.max_memory_mib << 20)
+        for name, kind, section in enabled:
+            self.sources[name] = kind.build(section, context)
+        mqtt = self.sources.get("mqtt")
+        if mqtt is not None:  # alerts are published over the MQTT connection
+            alerts = AlertPublication(mqtt, topic=cfg.mqtt.alerts_topic,  # type: ignore[arg-type]
+                                      max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)
+            self.pipeline.add_alert_publisher(alerts.publish)
+        for source in self.sources.values():
+            await source.start()  # a taken port or a bad certificate stops start-up here
         # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
         # young generation is collected less often: batches hold thousands of short-lived,
         # acyclic objects until their commit, which otherwise triggers needless full scans.
@@ -129,11 +128,7 @@ class Gateway:
         assert self.pipeline is not None
         pipeline = self.pipeline
         writer = asyncio.create_task(pipeline.run(), name="pipeline-writer")
-        sources: list[asyncio.Task[None]] = []
-        if self.mqtt is not None:
-            sources.append(asyncio.create_task(self.mqtt.run(), name="mqtt-source"))
-        if self.http is not None:
-            sources.append(asyncio.create_task(self.http.run(), name="http-source"))
+        sources = [asyncio.create_task(source.run(), name=f"{name}-source") for name, source in self.sources.items()]
         log.info("Gateway running.", extra={"gateway_id": self.config.gateway_id})
         stop = asyncio.create_task(self.should_exit.wait(), name="exit-wait")
         done, _ = await asyncio.wait({stop, writer, *sources}, return_when=asyncio.FIRST_COMPLETED)
@@ -147,10 +142,8 @@ class Gateway:
     ) -> int:
         assert self.pipeline is not None and self.sink is not None
         stop.cancel()
-        if self.mqtt is not None:
-            self.mqtt.stop_intake()
-        if self.http is not None:
-            self.http.stop_intake()  # new requests: 503; those taken wait for their commit during the drain
+        for source in self.sources.values():
+            source.stop_intake()  # e.g. HTTPS answers 503 to new requests; those taken wait for their commit
         if self.router is not None:
             self.router.stop()
         self.pipeline.stop()
@@ -180,10 +173,8 @@ class Gateway:
             if not await self.router.drain(timeout):
                 self.drained = False
             await self.router.close()
-        if self.http is not None:
-            await self.http.close()
-        if self.mqtt is not None:
-            await self.mqtt.close()
+        for source in reversed(self.sources.values()):
+            await source.close()
         for t in sources:
             try:
                 await asyncio.wait_for(t, 5.0)

@@ -82,6 +82,10 @@ class MqttConfig(_Section):
     tls_cert: str | None = None
     tls_key: str | None = None
 
+    def client_id_for(self, gateway_id: str) -> str:
+        """``client_id``, or ``vitalgate-<gateway id>`` when unset."""
+        return self.client_id or f"vitalgate-{gateway_id}"
+
 
 class HttpConfig(_Section):
     enabled: bool = False
@@ -164,7 +168,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     @property
     def mqtt_client_id(self) -> str:
-        return self.mqtt.client_id or f"vitalgate-{self.gateway_id}"
+        return self.mqtt.client_id_for(self.gateway_id)
 
 
 _SECTIONS = {

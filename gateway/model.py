@@ -23,6 +23,7 @@ __all__ = [
     "Waveform",
     "Envelope",
     "RawMessage",
+    "LOCAL",
     "Outcome",
     "NumericColumns",
     "WaveformColumns",
@@ -93,6 +94,7 @@ class Envelope(Struct, frozen=True, gc=False):
 
 
 Source = Literal["mqtt", "https", "replay"]
+LOCAL = {"local": True}  # dataclass field metadata: a field that stays in the process (see ``RawMessage``)
 
 
 @dataclass(slots=True, frozen=True)
@@ -118,6 +120,10 @@ class RawMessage:
     HTTPS source answers with it); sources that need only the ack leave it ``None``, which
     keeps the commit path free of per-payload bookkeeping.
     ``remote_addr`` is the peer's address where the transport knows it (audit trail).
+
+    Every field is data that travels with the payload (``--workers`` forwards it to the
+    worker owning its device) except those marked ``LOCAL``: the callables, which stay with
+    the process that received the payload.
     """
 
     payload: bytes
@@ -127,8 +133,8 @@ class RawMessage:
     received_at_ms: int
     content_type: str | None = None
     topic_device_id: str | None = None
-    ack: Callable[[], None] | None = None
-    on_outcome: Callable[[Outcome], None] | None = None
+    ack: Callable[[], None] | None = field(default=None, metadata=LOCAL)
+    on_outcome: Callable[[Outcome], None] | None = field(default=None, metadata=LOCAL)
     remote_addr: str | None = None
 
 

@@ -17,6 +17,10 @@ and the pipeline stores them once (envelope-level dedupe).
 Memory: socket reads pause while the intake holds its budget of payload bytes or the
 process's resident memory nears ``max_memory_bytes`` (``mqtt_flow.ReadGate``), so the
 kernel and then the broker hold the backlog.
+
+Publishing: the source is also the ``Publisher`` of ``gateway.sinks.alerts`` (publish on
+the current connection, count what waits for its PUBACK); what to publish and how much
+to let wait is that sink's policy.
 """
 
 from __future__ import annotations
@@ -25,24 +29,23 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
-import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import MqttConfig
 from gateway.metrics import Metrics
-from gateway.model import AlertEvent, RawMessage
+from gateway.model import RawMessage
 from gateway.retry import Backoff
-from gateway.sources import Submit
+from gateway.sources import SourceContext, Submit
 from gateway.sources import paho_speed
 from gateway.sources.mqtt_flow import OrderedAcks, ReadGate, resident_bytes
 
-__all__ = ["MqttSource", "OrderedAcks", "parse_url", "resident_bytes"]  # the last two from mqtt_flow
+__all__ = ["MqttSource", "build", "OrderedAcks", "parse_url", "resident_bytes"]  # the last two from mqtt_flow
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,16 @@ def parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return host, port, tls, user, password
+
+
+def build(cfg: MqttConfig, ctx: SourceContext) -> MqttSource:
+    """The MQTT source of the ``mqtt`` section (``gateway.sources.SOURCES``)."""
+    intake = ctx.intake
+    return MqttSource(
+        cfg, client_id=cfg.client_id_for(ctx.gateway_id), submit=intake.submit, metrics=ctx.metrics,
+        backed_up=lambda: intake.backed_up, held_fraction=ctx.held_fraction, max_memory_bytes=ctx.max_memory_bytes,
+        share_group=cfg.share_group if ctx.workers > 1 else None,
+    )
 
 
 class MqttSource:
@@ -100,7 +113,6 @@ class MqttSource:
         self._connected = False
         self._taking = True
         self._closing = asyncio.Event()
-        self._unpublished_logged = -10.0
         paho_speed.install()
 
     @staticmethod
@@ -174,6 +186,9 @@ class MqttSource:
         )
         self._gate.after_take()
 
+    async def start(self) -> None:
+        """Nothing to bind: ``run()`` connects, and reconnects while the broker is away."""
+
     def stop_intake(self) -> None:
         self._taking = False
 
@@ -242,43 +257,19 @@ class MqttSource:
         if watcher in done and not watcher.cancelled() and watcher.exception() is not None:
             raise watcher.exception()  # type: ignore[misc]
 
-    def publish_alerts(self, events: Sequence[AlertEvent]) -> None:
-        """Publish alert events (JSON, QoS 1) on ``alerts/{device_id}``; best effort, after commit."""
-        client = self._client
-        if client is None or not self._connected:
-            self._metrics.alerts_unpublished.inc(len(events))
-            log.warning("Alerts not published: MQTT is disconnected (they are stored).", extra={"count": len(events)})
-            return
-        inner = client._client  # noqa: SLF001
-        room = self._cfg.alerts_max_queued - len(inner._out_messages)  # noqa: SLF001 - publications not yet PUBACKed
-        if room < len(events):
-            events = self._within(events, max(room, 0))
-        for ev in events:
-            payload = orjson.dumps(
-                {
-                    "type": "alert",
-                    "event": ev.event,
-                    "device_id": ev.device_id,
-                    "rule": ev.rule,
-                    "priority": ev.priority,
-                    "metric": ev.metric,
-                    "at": ev.at,
-                    "value": ev.value,
-                }
-            )
-            inner.publish(self._cfg.alerts_topic.format(device_id=ev.device_id), payload, qos=1)
+    # ------------------------------------------------------------ publishing (gateway.sinks.alerts.Publisher)
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._connected
 
-    def _within(self, events: Sequence[AlertEvent], room: int) -> list[AlertEvent]:
-        """The ``room`` events to publish when the queue is nearly full: highest priority first,
-        in their order; the rest are counted and logged (an alert storm, e.g. ``silent`` alerts
-        while a backlog drains, must not grow the client's queue without bound)."""
-        rank = {"high": 0, "medium": 1, "low": 2}
-        keep = sorted(range(len(events)), key=lambda i: rank.get(events[i].priority, 3))[:room]
-        dropped = len(events) - len(keep)
-        self._metrics.alerts_unpublished.inc(dropped)
-        now = time.monotonic()
-        if now - self._unpublished_logged >= 10.0:
-            self._unpublished_logged = now
-            log.warning("Alert publication queue full; alerts stored but not published.",
-                        extra={"unpublished": dropped, "max_queued": self._cfg.alerts_max_queued})
-        return [events[i] for i in sorted(keep)]
+    def waiting(self) -> int:
+        """Publications not yet PUBACKed (paho's outgoing queue); 0 while disconnected."""
+        client = self._client
+        return len(client._client._out_messages) if client is not None else 0  # noqa: SLF001
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Queue one publication on the current connection (paho sends it from the event loop)."""
+        client = self._client
+        if client is None:
+            raise RuntimeError("MQTT is not connected")
+        client._client.publish(topic, payload, qos=qos)  # noqa: SLF001 - synchronous, unlike aiomqtt's

@@ -6,8 +6,9 @@ so the broker spreads messages over them round-robin, not by device. Per-device 
 and alert state lives in exactly one process: worker ``i`` owns device ``d`` iff
 ``owner_of(d, N) == i`` (CRC-32 of the id, the same in every process). A worker that
 receives a payload of a device it does not own forwards it over a unix socket to the
-owner (``router.py``), which takes it into its own pipeline and reports the commit back;
-only then is the payload acknowledged to the transport.
+owner (``router.py`` decides, ``forward.py`` sends and holds), which takes it into its
+own pipeline (``owner.py``) and reports the commit back; only then is the payload
+acknowledged to the transport.
 """
 
 from __future__ import annotations

@@ -7,6 +7,6 @@ scopes, rate limits), ``body`` (bounded reads, gzip, arrays), ``telemetry`` and
 
 from __future__ import annotations
 
-from .server import HttpSource, server_ssl_context
+from .server import HttpSource, build, server_ssl_context
 
-__all__ = ["HttpSource", "server_ssl_context"]
+__all__ = ["HttpSource", "build", "server_ssl_context"]

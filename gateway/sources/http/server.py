@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.config import HttpConfig
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.sources import Intake
+from gateway.sources import Intake, SourceContext
 
 from . import admin, telemetry  # noqa: F401 - importing registers their operations
 from .api import CORRELATION_HEADER, ERROR_WORDS, OPERATIONS, ApiError, ErrorBody, Operation, json_response, operation
@@ -30,7 +30,7 @@ from .auth import RateLimiter, Registry
 from .context import CONTEXT, CORRELATION, PRINCIPAL, Context
 from .openapi import document
 
-__all__ = ["HttpSource", "server_ssl_context"]
+__all__ = ["HttpSource", "build", "server_ssl_context"]
 
 log = logging.getLogger("gateway.sources.http")
 
@@ -151,6 +151,14 @@ def build_app(ctx: Context) -> web.Application:
         route = _PATH_PARAM.sub(lambda m: "{" + m.group(1) + ":[^/]+}", op.path)
         app.router.add_route(op.method, route, _guard(op))
     return app
+
+
+def build(cfg: HttpConfig, ctx: SourceContext) -> HttpSource:
+    """The HTTPS source of the ``http`` section (``gateway.sources.SOURCES``)."""
+    if ctx.registry is None:
+        raise ConfigError("http.enabled: the HTTPS source needs the device registry")
+    return HttpSource(cfg, intake=ctx.intake, registry=ctx.registry, metrics=ctx.metrics, gateway_id=ctx.gateway_id,
+                      reuse_port=ctx.workers > 1)
 
 
 class HttpSource:
