@@ -31,9 +31,9 @@ import pytest
 import pytest_asyncio
 import trustme
 
-from tests.gwproc import REPO, Publisher
+from tests.harness import REPO, Mosquitto, PostgresCluster
+from tests.integration.support import Publisher
 from tests.integration.https_support import HttpsGateway
-from tests.services import Mosquitto, PostgresCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
