@@ -45,10 +45,9 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from bench.common import (
-    REPO, GatewayProcess, config_has_key, cpu_snapshot, forget_mqtt_session, free_port, rss_mib, stat_cpu_s,
-)
+from bench.common import cpu_snapshot, forget_mqtt_session
 from bench.fleet import Fleet, FleetConfig
+from tests.harness import PROFILES, GatewayProcess, cpu_seconds, machine_busy_seconds, rss_mib
 
 __all__ = [
     "BedsConfig", "icu_fleet_config", "percentiles", "next_beds", "LoadRun", "run_beds", "latency_summary",
@@ -103,7 +102,7 @@ def icu_fleet_config(url: str, beds: int, *, seconds: float | None = None, proce
         lead = 2.0 + beds * seconds / max(1, processes) * PREGEN_S_PER_ENVELOPE
         start_ms = int((time.time() + lead) * 1000)
     return FleetConfig(
-        url=url, profiles_dir=str(REPO / "device_profiles"), devices=beds, mix={PROFILE: 1.0}, processes=processes,
+        url=url, profiles_dir=str(PROFILES), devices=beds, mix={PROFILE: 1.0}, processes=processes,
         interval_s=1.0, flat_out=flat_out, seconds=seconds, envelopes=envelopes, encoding="mixed", mqtt_version="5",
         client="raw", numerics_per_envelope=1, metrics=None, waveforms=True, artifacts=True, respect_intervals=False,
         seed=seed, client_id_prefix=prefix, pregenerate=pregenerate, start_ms=start_ms,
@@ -114,7 +113,7 @@ def check_icu_profile() -> None:
     """The shipped profile still has the ICU bed's 10 numerics and 3 waveforms."""
     from gateway.profiles import load_profiles
 
-    prof = load_profiles(str(REPO / "device_profiles"))[PROFILE]
+    prof = load_profiles(str(PROFILES))[PROFILE]
     numeric = [m for m, s in prof.metrics.items() if s.kind == "numeric"]
     waves = {m: float(s.hz) for m, s in prof.metrics.items() if s.kind == "waveform"}  # type: ignore[arg-type]
     if len(numeric) != ICU_NUMERICS or waves != ICU_WAVES:
@@ -197,12 +196,6 @@ def _cluster_pids(backend_pid: int) -> list[int]:
     return f(backend_pid)
 
 
-def _machine_busy_s() -> float:
-    from bench.e2e import _machine_busy_s as f
-
-    return f()
-
-
 class LoadRun:
     """Publish one paced (or flat-out) load to a running gateway, sample, wait for the drain, measure."""
 
@@ -222,7 +215,7 @@ class LoadRun:
             self.backends |= {r[0] for r in rows}
             self.pg_pids |= set(_cluster_pids(await self.conn.fetchval("SELECT pg_backend_pid()")))
         cpu = cpu_snapshot(self.gw.pid if self.gw.alive() else None, self.backends, self.pg_pids, self.mq.pid)
-        cpu["machine"] = _machine_busy_s()
+        cpu["machine"] = machine_busy_seconds()
         st = fleet.stats()
         s = {"t": time.time() - t0, "ingests": float(n), "acked": st.acked, "published": st.published,
              "rss_mib": rss_mib(self.gw.pid) if self.gw.alive() else None, "cpu": cpu,
@@ -381,11 +374,11 @@ def _steady_window(samples: list[dict[str, Any]], t_from: float, t_to: float, st
 def _gateway(work: Path, name: str, dsn: str, mq: Any, cfg: BedsConfig, extra: dict[str, str] | None = None
              ) -> GatewayProcess:
     env = {"VITALGATE_LOG_LEVEL": "INFO", **cfg.gateway_env, **(extra or {})}
-    prof = ["-m", "cProfile", "-o", str(work / f"gateway-{name}.prof")] if cfg.profile_gateway and name == "icu" else None
+    prof = ["-m", "cProfile", "-o", str(work / f"gateway-{name}.prof")] if cfg.profile_gateway and name == "icu" else []
     return GatewayProcess(
         work / f"gateway-{name}.log", database_url=dsn, mqtt_url=mq.url,
         client_id=f"vitalgate-bench-{name}-{uuid.uuid4().hex[:8]}", gateway_id="bench",
-        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(), extra_env=env, python_args=prof,
+        profiles_dir=PROFILES, env=env, python_args=prof,
     )
 
 
@@ -395,13 +388,12 @@ def passed(r: dict[str, Any], cfg: BedsConfig) -> bool:
 
 
 async def _with_gateway(gw: GatewayProcess, dsn: str, fn: Any) -> Any:
-    gw.start()
     conn = None
     try:
-        gw.wait_ready(120)
+        gw.start(120)
         conn = await asyncpg.connect(dsn)
         result = await fn(conn)
-        code = gw.stop(120)
+        code = gw.terminate(120)
         if code != 0:
             raise RuntimeError(f"gateway exited with code {code}:\n{gw.log_tail()}")
         return result
@@ -462,7 +454,7 @@ async def _db_limit(dsn: str, id0: int, n: int, per_copy: int = 500) -> dict[str
         for table, (cols, chunks, rows) in streams.items():
             dst = f"{table}_rawcopy"
             await clone_hypertable(conn, table, dst)
-            cpu0 = stat_cpu_s(backend)
+            cpu0 = cpu_seconds(backend)
             t0 = time.perf_counter()
             for c in chunks:
                 await conn.copy_to_table(dst, source=io.BytesIO(c), columns=cols, format="binary")
@@ -471,7 +463,7 @@ async def _db_limit(dsn: str, id0: int, n: int, per_copy: int = 500) -> dict[str
             if n_in != rows:
                 raise RuntimeError(f"raw COPY stored {n_in} rows of {rows} in {dst}")
             out[table] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else None,
-                          "backend_cpu_s": stat_cpu_s(backend) - cpu0, "bytes": sum(len(c) for c in chunks)}
+                          "backend_cpu_s": cpu_seconds(backend) - cpu0, "bytes": sum(len(c) for c in chunks)}
             await conn.execute(f"DROP TABLE {dst}")
             total_s += seconds
         out["seconds"] = total_s
@@ -486,7 +478,7 @@ async def run_beds(cfg: BedsConfig, pg: Any, mq: Any, work: Path, out: Any = sys
     """Fixed count, sweep, limits, overload; returns the ``icu`` part of the results."""
     check_icu_profile()
     res: dict[str, Any] = {"config": {k: v for k, v in cfg.__dict__.items()}, "steps": []}
-    env = {"VITALGATE_MAX_MEMORY_MIB": str(cfg.max_memory_mib)} if config_has_key("max_memory_mib") else {}
+    env = {"VITALGATE_MAX_MEMORY_MIB": str(cfg.max_memory_mib)}
     res["gateway_env"] = {**cfg.gateway_env, **env}
     dsn = pg.create_database("bench_icu")
     gw = _gateway(work, "icu", dsn, mq, cfg, env)

@@ -1,4 +1,7 @@
-"""Shared pieces of the bench: QoS 1 MQTT publishers, the gateway subprocess, machine info.
+"""Shared pieces of the bench: QoS 1 MQTT publishers, CPU snapshots, machine and version info.
+
+The gateway process, the throwaway services and the /proc samplers are ``tests.harness``,
+shared with the tests.
 
 MQTT publishers, two with one interface, for the fleet simulator:
 
@@ -21,21 +24,18 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
+from tests.harness import REPO, cpu_seconds
+
 __all__ = [
     "Link", "PahoLink", "RawLink", "open_link", "parse_mqtt_url", "NO_MATCHING_SUBSCRIBERS",
-    "REPO", "free_port", "stat_cpu_s", "proc_cpu_s", "machine_info", "package_versions", "mosquitto_version", "git_revision",
-    "GatewayProcess", "forget_mqtt_session", "config_has_key", "bench_defaults_env", "rss_mib", "cpu_snapshot",
+    "machine_info", "package_versions", "mosquitto_version", "git_revision", "forget_mqtt_session", "cpu_snapshot",
 ]
 
 NO_MATCHING_SUBSCRIBERS = 16
@@ -394,18 +394,7 @@ class RawLink:
 
 
 # --------------------------------------------------------------------------------------
-# Processes, machine and versions (used by the demo and the benches)
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+# CPU, machine and versions (used by the demo and the benches)
 
 
 def cpu_snapshot(gw_pid: int | None, backends: set[int], pg_pids: set[int], mq_pid: int | None) -> dict[str, float]:
@@ -413,47 +402,14 @@ def cpu_snapshot(gw_pid: int | None, backends: set[int], pg_pids: set[int], mq_p
     cluster (``pg:``) and the broker (``mq``), keyed so that samples can be subtracted."""
     cpu: dict[str, float] = {}
     if gw_pid is not None:
-        cpu[f"gw:{gw_pid}"] = stat_cpu_s(gw_pid)
+        cpu[f"gw:{gw_pid}"] = cpu_seconds(gw_pid)
     for p in backends:
-        cpu[f"be:{p}"] = stat_cpu_s(p)
+        cpu[f"be:{p}"] = cpu_seconds(p)
     for p in pg_pids:
-        cpu[f"pg:{p}"] = stat_cpu_s(p)
+        cpu[f"pg:{p}"] = cpu_seconds(p)
     if mq_pid:
-        cpu["mq"] = stat_cpu_s(mq_pid)
+        cpu["mq"] = cpu_seconds(mq_pid)
     return cpu
-
-
-def stat_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads), from /proc/PID/stat; 0.0 if gone.
-
-    Cheap enough to call every 50 ms (one small file read).
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def proc_cpu_s(pid: int, children: bool = True) -> float:
-    """User + system CPU seconds of a process (and its live descendants); 0.0 if gone."""
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        t = p.cpu_times()
-        total = t.user + t.system
-        if children:
-            for c in p.children(recursive=True):
-                try:
-                    ct = c.cpu_times()
-                    total += ct.user + ct.system
-                except psutil.Error:
-                    pass
-        return total
-    except psutil.Error:
-        return 0.0
 
 
 def machine_info() -> dict[str, Any]:
@@ -519,125 +475,6 @@ def git_revision() -> str:
         return "-"
 
 
-def config_has_key(key: str) -> bool:
-    """Whether this checkout's gateway configuration knows ``key`` (an unknown VITALGATE_* variable stops it)."""
-    try:
-        text = (REPO / "gateway" / "config.py").read_text()
-    except OSError:
-        return False
-    return f"    {key}:" in text
-
-
-def bench_defaults_env() -> dict[str, str]:
-    """Settings every bench gateway runs with: simulated devices are not in the device registry."""
-    env = {}
-    if config_has_key("require_registration"):
-        env["VITALGATE_AUTH_REQUIRE_REGISTRATION"] = "false"
-    return env
-
-
-class GatewayProcess:
-    """``python -m gateway run`` as a subprocess, configured by environment, log in a file.
-
-    Ready means: the log says ``Subscribed.`` (the MQTT subscription exists, so nothing
-    published from now on is lost) and, if a metrics port is set, the metrics endpoint
-    answers.
-    """
-
-    def __init__(self, log_path: Any, *, database_url: str, mqtt_url: str, client_id: str, gateway_id: str,
-                 profiles_dir: str, metrics_port: int = 0, extra_env: dict[str, str] | None = None,
-                 python_args: list[str] | None = None) -> None:
-        self.log_path = Path(log_path)
-        self.metrics_port = metrics_port
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")},
-            "VITALGATE_DATABASE_URL": database_url,
-            "VITALGATE_MQTT_URL": mqtt_url,
-            "VITALGATE_MQTT_CLIENT_ID": client_id,
-            "VITALGATE_GATEWAY_ID": gateway_id,
-            "VITALGATE_PROFILES_DIR": profiles_dir,
-            "VITALGATE_METRICS_PORT": str(metrics_port),
-            **bench_defaults_env(),
-            **(extra_env or {}),
-        }
-        self.python_args = list(python_args or [])  # e.g. ["-m", "cProfile", "-o", FILE]
-        self.proc: Any = None
-        self._mark = 0
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self._mark = self.log_path.stat().st_size
-        self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "gateway", "run"], cwd=REPO, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-
-    @property
-    def pid(self) -> int:
-        return int(self.proc.pid)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_since_start(self) -> str:
-        with open(self.log_path, "rb") as f:
-            f.seek(self._mark)
-            return f.read().decode(errors="replace")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def metrics_text(self) -> str | None:
-        if not self.metrics_port:
-            return None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-                return str(r.read().decode())
-        except OSError:
-            return None
-
-    def metric(self, name: str) -> float | None:
-        """Sum of all samples of one metric from the Prometheus exposition (None if absent)."""
-        text = self.metrics_text()
-        if text is None:
-            return None
-        total, found = 0.0, False
-        for line in text.splitlines():
-            if line.startswith(name) and len(line) > len(name) and line[len(name)] in " {":
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-        return total if found else None
-
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Block until subscribed (and metrics served); return seconds waited. Raises with the log tail."""
-        t0 = time.monotonic()
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"gateway exited with code {self.proc.returncode} while starting:\n{self.log_tail()}")
-            if "Subscribed." in self.log_since_start() and (not self.metrics_port or self.metrics_text() is not None):
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"gateway not subscribed after {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait; return the exit code (SIGKILL and raise on timeout)."""
-        if not self.alive():
-            return int(self.proc.returncode)
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return int(self.proc.wait(timeout))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise TimeoutError(f"gateway did not exit within {timeout:.0f} s of SIGTERM (killed):\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def forget_mqtt_session(url: str, client_id: str) -> None:
     """Remove a persistent MQTT session from the broker (connect clean with expiry 0, disconnect).
 
@@ -655,14 +492,3 @@ def forget_mqtt_session(url: str, client_id: str) -> None:
     finally:
         sock.close()
 
-
-def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
-    """Resident memory of a live process (``VmRSS``, or ``VmHWM`` for the peak), MiB; None if gone."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(field.encode() + b":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None

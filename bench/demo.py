@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -35,8 +34,9 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import REPO, GatewayProcess, forget_mqtt_session, free_port
+from bench.common import forget_mqtt_session
 from bench.fleet import Fleet, FleetConfig, device_id
+from tests.harness import PROFILES, REPO, CliError, GatewayProcess, vitalgate
 
 DB = "vitalgate_demo"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -96,13 +96,11 @@ def register_fleet(fleet: Fleet, workdir: Path) -> int:
     csv = workdir / "devices.csv"
     rows = [f"{device_id(p, n)},{p}" for p in sorted(fleet.per_profile) for n in range(1, fleet.per_profile[p] + 1)]
     csv.write_text("device_id,profile\n" + "\n".join(rows) + "\n")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")},
-           "VITALGATE_DATABASE_URL": DEMO_DSN, "VITALGATE_PROFILES_DIR": str(REPO / "device_profiles")}
     for args in (["db", "migrate"], ["devices", "import", str(csv), "--no-tokens"]):
-        r = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=120)
-        if r.returncode != 0:
-            raise DemoError(f"vitalgate {' '.join(args)} exited {r.returncode}:\n{r.stderr.strip()}")
+        try:
+            vitalgate(DEMO_DSN, *args, timeout=120)
+        except CliError as exc:
+            raise DemoError(str(exc)) from None
     return len(rows)
 
 
@@ -239,18 +237,17 @@ async def demo(args: argparse.Namespace) -> int:
     client_id = f"vitalgate-demo-{uuid.uuid4().hex[:8]}"
     gw = GatewayProcess(
         log, database_url=DEMO_DSN, mqtt_url=MQTT_URL, client_id=client_id, gateway_id="demo",
-        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(),
-        extra_env={"VITALGATE_LOG_LEVEL": "INFO", "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true"},
+        profiles_dir=PROFILES, env={"VITALGATE_LOG_LEVEL": "INFO", "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true"},
     )
     fleet: Fleet | None = None
     conn: asyncpg.Connection | None = None
     try:
         from gateway.profiles import load_profiles
 
-        shipped = load_profiles(REPO / "device_profiles")
+        shipped = load_profiles(PROFILES)
         mix = {p: w for p, w in MIX.items() if p in shipped}
         cfg = FleetConfig(
-            url=MQTT_URL, profiles_dir=str(REPO / "device_profiles"), devices=args.devices, mix=mix,
+            url=MQTT_URL, profiles_dir=str(PROFILES), devices=args.devices, mix=mix,
             processes=args.processes, interval_s=1.0, seconds=None, encoding="mixed", mqtt_version="5", client="paho",
             malformed=args.malformed, seed=int(time.time()) % 100_000, client_id_prefix="demo",
         )
@@ -258,7 +255,7 @@ async def demo(args: argparse.Namespace) -> int:
         registered = await asyncio.to_thread(register_fleet, fleet, WORKDIR)
         _say(f"Registered {registered} devices (vitalgate devices import; the gateway refuses any other device).")
         _say(f"Starting the gateway (log: {log.relative_to(REPO)}, metrics: http://127.0.0.1:{gw.metrics_port}/metrics)")
-        gw.start()
+        gw.spawn()
         try:
             ready = await asyncio.to_thread(gw.wait_ready, 90.0)
         except (RuntimeError, TimeoutError) as exc:

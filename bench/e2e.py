@@ -47,12 +47,12 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import (
-    REPO, GatewayProcess, cpu_snapshot, forget_mqtt_session, free_port, git_revision, machine_info, mosquitto_version,
-    package_versions,
-)
+from bench.common import cpu_snapshot, forget_mqtt_session, git_revision, machine_info, mosquitto_version, package_versions
 from bench.fleet import Fleet, FleetConfig
 from bench.rawcopy import raw_copy_rate, read_rows
+from tests.harness import (
+    PROFILES, REPO, GatewayProcess, Mosquitto, PostgresCluster, children, machine_busy_seconds, parent, rss_mib,
+)
 
 __all__ = ["E2EConfig", "run", "main", "print_table"]
 
@@ -88,22 +88,6 @@ class E2EConfig:
         return self.devices if self.devices is not None else max(1, self.envelopes // 3)
 
 
-def _wait_for_services_module(timeout: float = 1800.0) -> None:
-    """tests/services.py is written by another engineer; wait for it rather than copying it."""
-    path = REPO / "tests" / "services.py"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            from tests.services import Mosquitto, PostgresCluster  # noqa: F401
-
-            return
-        except ImportError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{path} is not usable: {exc}") from exc
-            print(f"Waiting for {path} ({exc}).", file=sys.stderr)
-            time.sleep(10)
-
-
 class _Sampler:
     """Polls the ingest count and per-process CPU counters.
 
@@ -137,7 +121,7 @@ class _Sampler:
         if not self.backends or len(self.samples) % 10 == 0:
             await self._refresh_pids()
         cpu = cpu_snapshot(self.gw.pid if self.gw.alive() else None, self.backends, self.pg_pids, self.mq_pid)
-        cpu["machine"] = _machine_busy_s()
+        cpu["machine"] = machine_busy_seconds()
         s = {"t": time.monotonic(), "ingests": float(n), "cpu": cpu}
         self.samples.append(s)
         return s
@@ -170,22 +154,8 @@ class _Sampler:
 
 def _cluster_pids(backend_pid: int) -> list[int]:
     """The postmaster and its children (found from one backend's parent)."""
-    import psutil
-
-    try:
-        pm = psutil.Process(backend_pid).parent()
-    except psutil.Error:
-        return []
-    if pm is None:
-        return []
-    return [pm.pid] + [c.pid for c in pm.children()]
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (all cores, everything but idle and iowait)."""
-    with open("/proc/stat", "rb") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    pm = parent(backend_pid)
+    return [] if pm is None else [pm, *children(pm)]
 
 
 def _cpu_delta(samples: list[dict[str, Any]], i: int, j: int, prefix: str) -> float:
@@ -233,13 +203,12 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
     client_id = f"vitalgate-bench-{mode}-{uuid.uuid4().hex[:8]}"
     gw = GatewayProcess(
         work / f"gateway-{mode}.log", database_url=dsn, mqtt_url=mq.url, client_id=client_id, gateway_id="bench",
-        profiles_dir=str(REPO / "device_profiles"), metrics_port=free_port(),
-        extra_env={"VITALGATE_LOG_LEVEL": "INFO", **cfg.gateway_env},
-        python_args=["-m", "cProfile", "-o", str(work / f"gateway-{mode}.prof")] if cfg.profile_gateway else None,
+        profiles_dir=PROFILES, env={"VITALGATE_LOG_LEVEL": "INFO", **cfg.gateway_env},
+        python_args=["-m", "cProfile", "-o", str(work / f"gateway-{mode}.prof")] if cfg.profile_gateway else (),
     )
     fcfg = _stress_fleet_config(cfg, mq.url, f"bench-{mode}")
     result: dict[str, Any] = {"mode": mode, "database": db, "gateway_client_id": client_id}
-    gw.start()
+    gw.spawn()
     conn: asyncpg.Connection | None = None
     try:
         result["gateway_ready_s"] = gw.wait_ready(120)
@@ -248,7 +217,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
         fleet = Fleet(fcfg)
         deadline = time.monotonic() + cfg.timeout_s
         if mode == "backlog":
-            code = gw.stop(60)
+            code = gw.terminate(60)
             result["gateway_restart_exit_code"] = code
             if code != 0:
                 raise RuntimeError(f"gateway exited with code {code} on SIGTERM:\n{gw.log_tail()}")
@@ -257,7 +226,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
             if not await asyncio.to_thread(fleet.join, cfg.timeout_s):
                 raise TimeoutError("publishers did not finish")
             await sampler.sample()
-            gw.start()
+            gw.spawn()  # ready or not: the sampler waits for the backlog to be committed
             await sampler.run_until(cfg.envelopes, deadline, f"stress {mode}")
         else:
             await sampler.sample()
@@ -303,11 +272,11 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
             committed["ingests"] == stats.published and committed["readings"] == stats.published_readings
         )
         result["gateway_metrics"] = {
-            k: gw.metric(k) for k in ("gateway_readings_written_total", "gateway_batches_written_total",
+            k: gw.metric(k, default=None) for k in ("gateway_readings_written_total", "gateway_batches_written_total",
                                       "gateway_seq_gaps_total", "gateway_write_errors_total")
         }
-        result["gateway_peak_rss_mib"] = _peak_rss_mib(gw.pid)
-        result["gateway_exit_code"] = gw.stop(120)
+        result["gateway_peak_rss_mib"] = rss_mib(gw.pid, "VmHWM")
+        result["gateway_exit_code"] = gw.terminate(120)
         if result["gateway_exit_code"] != 0:
             raise RuntimeError(f"gateway exited with code {result['gateway_exit_code']}:\n{gw.log_tail()}")
         if cfg.profile_gateway:
@@ -329,7 +298,7 @@ async def _run_mode(mode: str, cfg: E2EConfig, pg: Any, mq: Any, work: Path) -> 
 
 def _stress_fleet_config(cfg: E2EConfig, url: str, prefix: str) -> FleetConfig:
     return FleetConfig(
-        url=url, profiles_dir=str(REPO / "device_profiles"), devices=cfg.n_devices, mix={"pulse_oximeter": 1.0},
+        url=url, profiles_dir=str(PROFILES), devices=cfg.n_devices, mix={"pulse_oximeter": 1.0},
         processes=cfg.processes, interval_s=5.0, flat_out=True, envelopes=cfg.envelopes, encoding=cfg.encoding,
         mqtt_version=cfg.mqtt_version, client=cfg.client, numerics_per_envelope=5, metrics=["spo2", "pulse_rate"],
         waveforms=False, artifacts=True, seed=7, client_id_prefix=prefix,
@@ -342,18 +311,6 @@ async def _bare_subscriber_run(cfg: E2EConfig, mq: Any) -> dict[str, Any]:
 
     r = await bare_run(mq.url, _stress_fleet_config(cfg, mq.url, "bench-bare"), cfg.timeout_s)
     return {**r, "readings_per_s": r["envelopes_per_s"] * READINGS_PER_ENVELOPE}
-
-
-def _peak_rss_mib(pid: int) -> float | None:
-    """Peak resident memory (VmHWM) of a live process, MiB."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _profile_top(path: Path, n: int = 40) -> str:
@@ -383,9 +340,6 @@ async def _versions(dsn: str) -> dict[str, str]:
 
 def make_services(fsync: bool = True) -> tuple[Any, Any, Path]:
     """A throwaway PostgreSQL+TimescaleDB and mosquitto (not started) in a new temporary directory."""
-    _wait_for_services_module()
-    from tests.services import Mosquitto, PostgresCluster
-
     work = Path(tempfile.mkdtemp(prefix="vitalgate-bench-"))
     # Commit timestamps give the ICU runs' commit latency (bench.beds); the cost is one SLRU entry per commit.
     pg = PostgresCluster(work / "pg", settings={"fsync": fsync, "full_page_writes": fsync,

@@ -26,11 +26,9 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import shutil
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +39,11 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import (
-    REPO, GatewayProcess, free_port, git_revision, machine_info, package_versions, proc_cpu_s, stat_cpu_s,
-)
+from bench.common import git_revision, machine_info, package_versions
 from bench.rawcopy import raw_copy_rate, read_rows
+from tests.harness import (
+    PROFILES, REPO, GatewayProcess, PostgresCluster, cpu_seconds, free_port, tree_cpu_seconds, vitalgate,
+)
 
 __all__ = ["HttpsBenchConfig", "run", "main"]
 
@@ -152,35 +151,13 @@ def _client(url: str, cafile: str, work: list[tuple[str, bytes]], connections: i
 # ------------------------------------------------------------------ the run
 
 
-def _cli(dsn: str, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")}
-    env.update({"VITALGATE_DATABASE_URL": dsn, "VITALGATE_PROFILES_DIR": str(REPO / "device_profiles")})
-    r = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    if r.returncode != 0:
-        raise RuntimeError(f"vitalgate {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout
-
-
-def _wait_listening(gw: GatewayProcess, timeout: float = 60.0) -> None:
-    t0 = time.monotonic()
-    while "HTTPS listening." not in gw.log_since_start():
-        if not gw.alive():
-            raise RuntimeError(f"gateway exited with code {gw.proc.returncode} while starting:\n{gw.log_tail()}")
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"gateway not listening after {timeout:.0f} s:\n{gw.log_tail()}")
-        time.sleep(0.05)
-
-
-def _postgres_cpu_s(pg: Any) -> float:
+def _postgres_cpu_s(pg: PostgresCluster) -> float:
     """CPU seconds of the whole PostgreSQL cluster (postmaster and every backend)."""
-    return proc_cpu_s(int((pg.data_dir / "postmaster.pid").read_text().splitlines()[0]), children=True)
+    return tree_cpu_seconds(int((pg.data_dir / "postmaster.pid").read_text().splitlines()[0]))
 
 
 async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
     import trustme
-
-    from tests.services import PostgresCluster
 
     work = Path(tempfile.mkdtemp(prefix="vitalgate-bench-https-"))
     pg = PostgresCluster(work / "pg", settings={"fsync": cfg.fsync, "full_page_writes": cfg.fsync})
@@ -205,10 +182,10 @@ async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
         cert = ca.issue_cert("127.0.0.1")
         cert.private_key_and_cert_chain_pem.write_to_path(str(work / "server.pem"))
         ca.cert_pem.write_to_path(str(work / "ca.pem"))
-        _cli(dsn, "db", "migrate")
+        vitalgate(dsn, "db", "migrate")
         devices = [f"hb-{i:05d}" for i in range(cfg.devices)]
         (work / "devices.csv").write_text("".join(f"{d},pulse_oximeter\n" for d in devices))
-        _cli(dsn, "devices", "import", str(work / "devices.csv"), "--tokens-out", str(work / "tokens.csv"))
+        vitalgate(dsn, "devices", "import", str(work / "devices.csv"), "--tokens-out", str(work / "tokens.csv"))
         tokens = {}
         for line in (work / "tokens.csv").read_text().splitlines()[1:]:
             dev, _, token = line.split(",")
@@ -216,8 +193,8 @@ async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
         port = free_port()
         gw = GatewayProcess(
             work / "gateway.log", database_url=dsn, mqtt_url="mqtt://127.0.0.1:1", client_id="unused",
-            gateway_id="bench-https", profiles_dir=str(REPO / "device_profiles"),
-            extra_env={
+            gateway_id="bench-https", profiles_dir=PROFILES, ready_line="HTTPS listening.",
+            env={
                 "VITALGATE_MQTT_ENABLED": "false",
                 "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true",
                 "VITALGATE_HTTP_ENABLED": "true",
@@ -230,7 +207,6 @@ async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
             },
         )
         gw.start()
-        _wait_listening(gw)
         url = f"https://127.0.0.1:{port}"
 
         t_gen = int(time.time() * 1000) - 3_600_000
@@ -247,10 +223,10 @@ async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
         for e in ready:
             if not e.wait(120):
                 raise TimeoutError("client processes did not get ready")
-        cpu_gw0, cpu_pg0 = stat_cpu_s(gw.pid), _postgres_cpu_s(pg)
+        cpu_gw0, cpu_pg0 = cpu_seconds(gw.pid), _postgres_cpu_s(pg)
         go.set()
         client_results = [out.get(timeout=cfg.timeout_s) for _ in procs]
-        cpu_gw, cpu_pg = stat_cpu_s(gw.pid) - cpu_gw0, _postgres_cpu_s(pg) - cpu_pg0
+        cpu_gw, cpu_pg = cpu_seconds(gw.pid) - cpu_gw0, _postgres_cpu_s(pg) - cpu_pg0
         for p in procs:
             p.join(30)
         errors = [c["error"] for c in client_results if "error" in c]
@@ -293,7 +269,7 @@ async def run(cfg: HttpsBenchConfig) -> dict[str, Any]:
         }
         results["raw_copy"] = raw
         results["ratio_to_raw_copy"] = results["run"]["readings_per_s"] / raw["rows_per_s"]
-        code = gw.stop()
+        code = gw.terminate()
         results["gateway_exit_code"] = code
         gw = None
     finally:

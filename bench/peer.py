@@ -37,8 +37,9 @@ from typing import Any
 import asyncpg
 
 from bench import e2e
-from bench.common import REPO, forget_mqtt_session, free_port, git_revision, machine_info, rss_mib, stat_cpu_s
+from bench.common import forget_mqtt_session, git_revision, machine_info
 from bench.fleet import Fleet
+from tests.harness import REPO, cpu_seconds, free_port, rss_mib
 
 PEER_DIR = REPO / "bench" / ".peer"
 RED_JS = PEER_DIR / "node_modules" / "node-red" / "red.js"
@@ -177,7 +178,7 @@ async def _peer_run(cfg: e2e.E2EConfig, pg: Any, mq: Any, work: Path, timeout_s:
             n = int(await conn.fetchval("SELECT count(*) FROM readings"))
             now = time.monotonic()
             samples.append({"t": now - t0, "rows": n, "rss_mib": rss_mib(red.proc.pid) or 0.0,
-                            "cpu_s": stat_cpu_s(red.proc.pid)})
+                            "cpu_s": cpu_seconds(red.proc.pid)})
             if now - last_print >= 1.0:
                 st = fleet.stats()
                 print(f"  peer t={now - t0:5.0f}s published {st.acked_readings:,} readings, stored {n:,}, Node-RED "

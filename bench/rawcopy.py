@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import asyncpg
 
-from bench.common import stat_cpu_s
+from tests.harness import cpu_seconds
 
 __all__ = ["clone_hypertable", "read_rows", "copy_rows", "raw_copy_rate"]
 
@@ -84,12 +84,12 @@ async def copy_rows(
 ) -> dict[str, float]:
     """COPY ``rows`` into ``dst`` in chunks; returns seconds, rows/s and the backend's CPU seconds."""
     backend = await conn.fetchval("SELECT pg_backend_pid()")
-    cpu0 = stat_cpu_s(backend)
+    cpu0 = cpu_seconds(backend)
     t0 = time.perf_counter()
     for i in range(0, len(rows), rows_per_copy):
         await conn.copy_records_to_table(dst, records=rows[i : i + rows_per_copy], columns=list(columns))
     seconds = time.perf_counter() - t0
-    cpu = stat_cpu_s(backend) - cpu0
+    cpu = cpu_seconds(backend) - cpu0
     return {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds if seconds > 0 else 0.0,
             "backend_cpu_s": cpu}
 

@@ -28,7 +28,8 @@ from typing import Any
 
 from bench import beds, e2e
 from bench.e2e import _f
-from bench.common import REPO, git_revision, machine_info
+from bench.common import git_revision, machine_info
+from tests.harness import REPO
 
 CHECKS_MODULE = REPO / "bench" / "bench_checks.py"
 CHECKS_TIMEOUT_S = 300.0

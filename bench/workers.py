@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import e2e
-from bench.common import stat_cpu_s
+from tests.harness import cpu_seconds
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -52,7 +52,7 @@ class _GatewayCpu:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), {pid: stat_cpu_s(pid) for pid in self._gateway_pids()}))
+            self.samples.append((time.monotonic(), {pid: cpu_seconds(pid) for pid in self._gateway_pids()}))
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> _GatewayCpu:

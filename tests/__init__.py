@@ -1,5 +1,6 @@
 """vitalgate's test suite.
 
-A package so that tests, conftest files and the bench can share helpers as
-``tests.util`` and ``tests.services``.
+A package so that tests and conftest files can share helpers. ``tests.harness``
+(services, the gateway as a process, samplers, waits) is the one part the bench
+imports too.
 """

@@ -1,4 +1,4 @@
-"""Session-wide throwaway services for integration tests (see tests/services.py).
+"""Session-wide throwaway services for integration tests (see tests/harness/services.py).
 
 Fixtures:
     pg_cluster: one PostgreSQL 15 + TimescaleDB cluster per session.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import Mosquitto, PostgresCluster
+from tests.harness import Mosquitto, PostgresCluster
 
 _database_numbers = itertools.count(1)
 

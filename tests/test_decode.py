@@ -11,7 +11,7 @@ import pytest
 from gateway.decode import decode, encoding_of, to_columns
 from gateway.errors import RejectError
 from gateway.profiles import load_profiles
-from tests.gwproc import PROFILES
+from tests.harness import PROFILES
 
 P = load_profiles(PROFILES)
 T = 1764187200000

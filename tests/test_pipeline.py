@@ -13,8 +13,7 @@ from gateway.model import RawMessage
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
 from gateway.sinks import History, OpenEpisode, WriteBatch
-from tests.gwproc import PROFILES
-from tests.util import await_for
+from tests.harness import PROFILES, await_for
 
 pytestmark = pytest.mark.asyncio
 P = load_profiles(PROFILES)

@@ -15,7 +15,7 @@ from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.registry import Device, StaticRegistry
 from gateway.sinks import WriteBatch
 from tests.test_pipeline import P, MemorySink
-from tests.util import await_for
+from tests.harness import await_for
 
 pytestmark = pytest.mark.asyncio
 T = (int(time.time()) - 60) * 1000

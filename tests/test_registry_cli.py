@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from tests.gwproc import PROFILES
-from tests.util import free_port
+from tests.harness import PROFILES, free_port
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,7 @@ import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.services import Mosquitto, PostgresCluster
-from tests.util import wait_for
+from tests.harness import Mosquitto, PostgresCluster, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from bench.fleet import Fleet, FleetConfig
-from tests.services import Mosquitto
-from tests.util import wait_for
+from tests.harness import Mosquitto, wait_for
 
 pytestmark = pytest.mark.integration
 PROFILES_DIR = str(Path(__file__).resolve().parents[2] / "device_profiles")

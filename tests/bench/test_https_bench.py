@@ -7,7 +7,7 @@ import orjson
 from bench.https import READINGS_PER_ENVELOPE, _bodies
 from gateway.decode import decode
 from gateway.profiles import load_profiles
-from tests.gwproc import PROFILES
+from tests.harness import PROFILES
 
 P = load_profiles(PROFILES)
 

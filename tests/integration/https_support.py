@@ -10,10 +10,7 @@ with ``cryptography`` (trustme cannot put a URI in a SAN).
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.gwproc import PROFILES, REPO, GatewayProcess
-from tests.util import free_port, wait_for
+from tests.harness import GatewayProcess, free_port, vitalgate
 
 __all__ = ["ClientCA", "HttpsGateway", "cli"]
 
@@ -79,33 +75,8 @@ class ClientCA:
 
 
 def cli(dsn: str, *args: str, stdin: str | None = None) -> str:
-    """Run ``vitalgate ARGS`` against ``dsn``; return stdout (fails the test on a non-zero exit)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")}
-    env.update({"VITALGATE_DATABASE_URL": dsn, "VITALGATE_PROFILES_DIR": str(PROFILES)})
-    r = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       input=stdin, timeout=120)
-    assert r.returncode == 0, f"vitalgate {' '.join(args)} exited {r.returncode}:\n{r.stderr}"
-    return r.stdout
-
-
-class _HttpsProcess(GatewayProcess):
-    def start(self, timeout: float = 60.0) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        mark = self.log_path.stat().st_size
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", *self.args], cwd=REPO, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.starts += 1
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with open(self.log_path, "rb") as f:
-                f.seek(mark)
-                return f.read().count(b"HTTPS listening.") >= self.subscriptions  # one line per worker
-
-        wait_for(listening, timeout=timeout, interval=0.05, message=lambda: f"gateway not listening:\n{self.log_tail()}")
+    """Run ``vitalgate ARGS`` against ``dsn``; return stdout (a non-zero exit fails the test)."""
+    return vitalgate(dsn, *args, stdin=stdin, timeout=120)
 
 
 @dataclass
@@ -121,7 +92,7 @@ class HttpsGateway:
     keys: dict[str, str] = field(default_factory=dict)  # name -> key
     port: int = 0
     workers: int = 1
-    proc: _HttpsProcess | None = None
+    proc: GatewayProcess | None = None
 
     def start(self) -> None:
         certs = self.workdir / "certs"
@@ -148,8 +119,8 @@ class HttpsGateway:
         self.keys["admin"] = cli(self.dsn, "keys", "add", "operator", "--scope", "admin").strip()
 
         self.port = free_port()
-        self.proc = _HttpsProcess(
-            self.workdir / "gw", db_dsn=self.dsn, mqtt_url="mqtt://127.0.0.1:1", client_id="unused",
+        self.proc = GatewayProcess(
+            self.workdir / "gw" / "gateway.log", database_url=self.dsn,
             env={
                 "VITALGATE_MQTT_ENABLED": "false",
                 "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true",
@@ -161,7 +132,8 @@ class HttpsGateway:
                 **self.settings,
             },
             args=["--workers", str(self.workers)] if self.workers > 1 else [],
-            subscriptions=self.workers,
+            ready_line="HTTPS listening.",
+            subscriptions=self.workers,  # one line per worker
         )
         self.proc.start()
 

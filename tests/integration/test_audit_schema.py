@@ -22,8 +22,7 @@ from gateway.profiles import load_profiles
 from gateway.registry import Registry, hash_secret, new_token
 from gateway.sinks.schema import SCHEMA_VERSION, migrate
 from gateway.sinks.timescale import TimescaleSink
-from tests.gwproc import PROFILES
-from tests.util import await_for
+from tests.harness import PROFILES, await_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from gateway.cli import main
-from tests.util import free_port
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
 

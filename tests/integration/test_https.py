@@ -31,9 +31,9 @@ import pytest
 import pytest_asyncio
 import trustme
 
-from tests.gwproc import REPO, Publisher
+from tests.harness import REPO, Mosquitto, PostgresCluster
+from tests.integration.support import Publisher
 from tests.integration.https_support import HttpsGateway
-from tests.services import Mosquitto, PostgresCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -427,7 +427,7 @@ async def test_sigterm_answers_requests_in_flight_after_their_commit_and_stops_l
         conn = aiohttp.TCPConnector(ssl=g.ssl_context())
         async with aiohttp.ClientSession(base_url=g.url, connector=conn) as s:
             pending = asyncio.create_task(post(s, [envelope("sd-1", i) for i in range(3)], token=g.tokens["sd-1"]))
-            await asyncio.sleep(0.5)
+            await _until(_write_waits_for_lock(dsn))  # the request is in flight, its commit held by the lock
             assert not pending.done()
             g.proc.proc.send_signal(15)  # type: ignore[union-attr]
             await _until(_log_says(g, "Draining."))
@@ -453,6 +453,21 @@ async def test_sigterm_answers_requests_in_flight_after_their_commit_and_stops_l
     finally:
         g.stop()
         pg_cluster.drop_database(name)
+
+
+def _write_waits_for_lock(dsn: str):  # noqa: ANN202
+    """True once a backend of the gateway waits on a lock in a statement on ``ingests``: the
+    request's write transaction, which cannot commit while the table is locked. Asked on a
+    connection of its own: a transaction sees one snapshot of pg_stat_activity."""
+    async def write_waits_for_lock() -> bool:
+        conn = await asyncpg.connect(dsn)
+        try:
+            n = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND wait_event_type = 'Lock' AND query LIKE '%ingests%'")
+        finally:
+            await conn.close()
+        return n > 0
+    return write_waits_for_lock
 
 
 def _log_says(g: HttpsGateway, text: str):  # noqa: ANN202

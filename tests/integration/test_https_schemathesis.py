@@ -29,7 +29,7 @@ from schemathesis.checks import (
 )
 
 from tests.integration.https_support import HttpsGateway
-from tests.services import PostgresCluster
+from tests.harness import PostgresCluster
 
 pytestmark = pytest.mark.integration
 

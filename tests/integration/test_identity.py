@@ -20,10 +20,9 @@ import pytest
 import trustme
 
 from gateway.cli import main
-from tests.gwproc import PROFILES, GatewayProcess, Publisher, expected_readings, fetch_readings
+from tests.harness import PROFILES, GatewayProcess, Mosquitto, MqttTls, device_acl, wait_for, write_password_file
+from tests.integration.support import Publisher, expected_readings, fetch_readings
 from tests.integration.test_ingest import count, fetch
-from tests.services import Mosquitto, MqttTls, device_acl, write_password_file
-from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +59,7 @@ def gateways(tmp_path: Path) -> Iterator:
     made: list[GatewayProcess] = []
 
     def make(dsn: str, mqtt_url: str, env: dict[str, str]) -> GatewayProcess:
-        gw = GatewayProcess(tmp_path / f"gw{len(made)}", db_dsn=dsn, mqtt_url=mqtt_url,
+        gw = GatewayProcess(tmp_path / f"gw{len(made)}" / "gateway.log", database_url=dsn, mqtt_url=mqtt_url,
                             client_id=f"gw-identity-{next(_ids)}-{time.monotonic_ns()}", env={**REGISTRATION, **env})
         made.append(gw)
         return gw

@@ -18,10 +18,8 @@ import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.gwproc import Publisher, expected_readings, fetch_readings, publish_paced, sha256
-from tests.integration.conftest import encode, pulse_ox_envelopes, topic
-from tests.services import PostgresCluster
-from tests.util import wait_for
+from tests.harness import PostgresCluster, wait_for
+from tests.integration.support import Publisher, encode, expected_readings, fetch_readings, publish_paced, pulse_ox_envelopes, sha256, topic
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import pytest
 from gateway.model import FLAG_NAMES
 from gateway.profiles import load_profiles
 from gateway.replay import Replay
-from tests.gwproc import PROFILES, Publisher
+from tests.harness import PROFILES, wait_for
+from tests.integration.support import Publisher
 from tests.integration.test_ingest import count, fetch, wait_ingests
-from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,9 @@ import orjson
 import pytest
 
 from gateway.app import pending_budget
-from tests.gwproc import Publisher, expected_readings, fetch_readings
+from tests.harness import PostgresCluster, wait_for
+from tests.integration.support import Publisher, expected_readings, fetch_readings
 from tests.integration.test_ingest import count, wait_ingests
-from tests.services import PostgresCluster
-from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.registry import Registry
-from tests.gwproc import PROFILES
-from tests.util import await_for
+from tests.harness import PROFILES, await_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 ACTOR = f"cli:{getpass.getuser()}"

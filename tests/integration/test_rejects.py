@@ -8,9 +8,9 @@ import msgspec
 import orjson
 import pytest
 
-from tests.gwproc import Publisher, sha256
+from tests.harness import wait_for
+from tests.integration.support import Publisher, sha256
 from tests.integration.test_ingest import count, fetch, wait_ingests
-from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import time
 import orjson
 import pytest
 
-from tests.gwproc import PROFILES, Publisher
+from tests.harness import PROFILES, wait_for
+from tests.integration.support import Publisher
 from tests.integration.test_ingest import fetch, wait_ingests
-from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 

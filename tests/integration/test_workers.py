@@ -21,11 +21,10 @@ from gateway.model import FLAG_NAMES
 from gateway.profiles import load_profiles
 from gateway.replay import Replay
 from gateway.workers import owner_of
-from tests.gwproc import PROFILES, Publisher, publish_paced
-from tests.integration.conftest import encode, pulse_ox_envelopes, topic
+from tests.harness import PROFILES, wait_for
+from tests.integration.support import Publisher, encode, publish_paced, pulse_ox_envelopes, topic
 from tests.integration.test_ingest import assert_exactly_once, count, fetch, wait_ingests
 from tests.integration.test_live_vs_replay import RECORDINGS, episodes_from_replay, shifted
-from tests.util import wait_for
 
 pytestmark = pytest.mark.integration
 

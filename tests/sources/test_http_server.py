@@ -28,7 +28,7 @@ from gateway.model import AuditEvent, Outcome, RawMessage
 from gateway.profiles import load_profiles
 from gateway.registry import StaticRegistry
 from gateway.sources.http import HttpSource
-from tests.gwproc import PROFILES
+from tests.harness import PROFILES
 
 pytestmark = pytest.mark.asyncio
 P = load_profiles(PROFILES)

@@ -17,7 +17,7 @@ service's directory) that
 
 An ``atexit`` hook also stops whatever is still running when the interpreter exits.
 
-Typical use (see ``tests/conftest.py`` for the fixtures)::
+Typical use (see ``tests/conftest.py`` for the fixtures; the benches start their own)::
 
     cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="vitalgate-pg-")))
     cluster.start()
@@ -44,9 +44,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .util import free_port, wait_for
+from .sampler import children, pid_alive
+from .waits import wait_for
 
-__all__ = ["Mosquitto", "MqttTls", "PostgresCluster", "ServiceError", "device_acl", "write_password_file"]
+__all__ = ["Mosquitto", "MqttTls", "PostgresCluster", "ServiceError", "device_acl", "free_port", "write_password_file"]
 
 PG_BINDIR = Path(os.environ.get("VITALGATE_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 MOSQUITTO_BIN = os.environ.get("VITALGATE_MOSQUITTO_BIN", "/usr/sbin/mosquitto")
@@ -57,7 +58,7 @@ HOST = "127.0.0.1"
 _MAX_SOCKET_PATH = 100
 
 _REAPER_SOURCE = r'''
-"""Reaper for one throwaway service; written by vitalgate's tests/services.py.
+"""Reaper for one throwaway service; written by vitalgate's tests/harness/services.py.
 
 usage: reaper.py PIDFILE|- STOP_SIGNAL OUTPUT GRACE_S -- COMMAND...
 
@@ -157,29 +158,16 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+def free_port(host: str = HOST) -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it).
 
-
-def _children_of(ppid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == ppid:
-            found.append(int(entry))
-    return found
+    Another process can still take it before the caller binds it; services that
+    need the port again later (a restart) keep it once they have bound it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -264,7 +252,7 @@ class _Reaped:
         def gone() -> bool:
             if not self.alive():
                 return True
-            for pid in _children_of(self.proc.pid):
+            for pid in children(self.proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             return False
@@ -378,7 +366,7 @@ class PostgresCluster:
                     f"PostgreSQL exited during startup.\n{_tail(self.base_dir / 'pg_ctl.out')}\n{self.log_tail()}"
                 )
             pid = self._postmaster_pid()
-            return pid is not None and _pid_alive(pid) and self._pm_status() == "ready" and _port_accepts(self.port)
+            return pid is not None and pid_alive(pid) and self._pm_status() == "ready" and _port_accepts(self.port)
 
         try:
             wait_for(ready, timeout, 0.05, lambda: f"PostgreSQL ready on port {self._port}\n{self.log_tail()}")
@@ -436,7 +424,7 @@ class PostgresCluster:
         if self._reaped is None or not self._reaped.alive():
             return False
         pid = self._postmaster_pid()
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and pid_alive(pid)
 
     def cleanup(self) -> None:
         """Stop (killing if a fast shutdown fails) and remove ``base_dir``.
@@ -541,7 +529,7 @@ class PostgresCluster:
             "log_min_messages": "warning",
             **self._settings,
         }
-        lines = ["# Written by tests/services.py; rewritten at every start."]
+        lines = ["# Written by tests/harness/services.py; rewritten at every start."]
         for key, value in settings.items():
             if isinstance(value, bool):
                 text = "on" if value else "off"
@@ -558,7 +546,7 @@ class PostgresCluster:
             with main_conf.open("a") as f:
                 f.write(f"\n{include}\n")
         (self.data_dir / "pg_hba.conf").write_text(
-            "# Written by tests/services.py: throwaway cluster, trust on loopback only.\n"
+            "# Written by tests/harness/services.py: throwaway cluster, trust on loopback only.\n"
             "local all all trust\n"
             "host all all 127.0.0.1/32 trust\n"
             "host all all ::1/128 trust\n"
@@ -799,7 +787,7 @@ class Mosquitto:
         self.start(timeout)
 
     def is_running(self) -> bool:
-        return self._reaped is not None and self._reaped.alive() and _pid_alive(self._reaped.child_pid)
+        return self._reaped is not None and self._reaped.alive() and pid_alive(self._reaped.child_pid)
 
     def cleanup(self) -> None:
         """Stop (or kill) and remove ``base_dir`` (kept if ``VITALGATE_KEEP_SERVICES=1``)."""
@@ -815,7 +803,7 @@ class Mosquitto:
 
     def _write_config(self) -> None:
         lines = [
-            "# Written by tests/services.py; rewritten at every start.",
+            "# Written by tests/harness/services.py; rewritten at every start.",
             f"listener {self.port} {HOST}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             *([f"password_file {self.password_file}"] if self.password_file else []),

@@ -1,132 +1,30 @@
-"""Run ``vitalgate run`` as a real subprocess for integration tests, and publish to it."""
+"""What the MQTT integration tests publish and what they read back.
+
+``Publisher`` (paho, QoS 1, waits for the broker's PUBACKs) and ``publish_paced``;
+deterministic pulse-oximeter envelopes in both encodings; the readings a set of
+envelopes must leave in the database, and the ones it did. The gateway and the
+services come from ``tests.harness``.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import asyncpg
+import msgspec
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.util import free_port, wait_for
+from tests.harness import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-PROFILES = REPO / "device_profiles"
-
-
-class GatewayProcess:
-    """A ``python -m gateway run`` subprocess with its log in a file."""
-
-    def __init__(self, workdir: Path, *, db_dsn: str, mqtt_url: str, client_id: str, env: dict[str, str] | None = None,
-                 args: Sequence[str] = (), subscriptions: int = 1):
-        """``args``: more ``vitalgate run`` arguments (``--workers 2``); ``start()`` waits for
-        ``subscriptions`` "Subscribed." lines (one per worker)."""
-        self.args = list(args)
-        self.subscriptions = subscriptions
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "gateway.log"
-        self.metrics_port = free_port()
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("VITALGATE_")},
-            "VITALGATE_DATABASE_URL": db_dsn,
-            "VITALGATE_MQTT_URL": mqtt_url,
-            "VITALGATE_MQTT_CLIENT_ID": client_id,
-            "VITALGATE_PROFILES_DIR": str(PROFILES),
-            "VITALGATE_GATEWAY_ID": "test-gw",
-            "VITALGATE_METRICS_PORT": str(self.metrics_port),
-            # most tests publish from devices nobody registered; identity tests turn this on
-            "VITALGATE_AUTH_REQUIRE_REGISTRATION": "false",
-            **(env or {}),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 60.0) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        mark = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", *self.args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        self.starts += 1
-
-        def subscribed() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with open(self.log_path, "rb") as f:
-                f.seek(mark)
-                return f.read().count(b"Subscribed.") >= self.subscriptions
-
-        wait_for(subscribed, timeout=timeout, interval=0.05, message=lambda: f"gateway never subscribed:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def metric(self, name: str) -> float:
-        import urllib.request
-
-        for attempt in range(3):
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-                break
-            except ConnectionError:
-                if attempt == 2:
-                    raise
-        total = 0.0
-        found = False
-        for line in body.splitlines():
-            if line.startswith(name) and (len(line) > len(name) and line[len(name)] in " {"):
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-        if not found:
-            raise KeyError(name)
-        return total
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.alive():
-            try:
-                self.terminate(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+__all__ = ["Publisher", "encode", "expected_readings", "fetch_readings", "publish_paced", "pulse_ox_envelopes",
+           "sha256", "topic"]
 
 
 class Publisher:
@@ -180,8 +78,10 @@ class Publisher:
 
 
 def publish_paced(port: int, messages: Sequence[tuple[str, bytes]], per_second: float, stop: threading.Event | None = None) -> threading.Thread:
-    """Publish ``messages`` from a thread at about ``per_second``; waits for every PUBACK."""
-    import time
+    """Publish ``messages`` from a thread at about ``per_second``; waits for every PUBACK.
+
+    The sleep paces the input (a device fleet's rate), it waits for no condition.
+    """
 
     def run() -> None:
         pub = Publisher(port)
@@ -222,3 +122,36 @@ def expected_readings(envelopes: Iterable[dict]) -> Counter[tuple[str, str, int,
 
 def sha256(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()
+
+
+def pulse_ox_envelopes(n_devices: int, per_device: int, *, t0: int | None = None, prefix: str = "po") -> list[dict]:
+    """Deterministic pulse-oximeter envelopes, device-interleaved; every 10th carries a pleth block."""
+    t0 = t0 if t0 is not None else (int(time.time()) - 3600) * 1000
+    out = []
+    for s in range(per_device):
+        for d in range(n_devices):
+            t = t0 + s * 1000
+            env: dict = {
+                "v": 1,
+                "device_id": f"{prefix}-{d:05d}",
+                "seq": s,
+                "profile": "pulse_oximeter",
+                "firmware": "2.4.1",
+                "sent_at": t + 50,
+                "numerics": [{"t": t, "values": {"spo2": 90 + (s + d) % 10, "pulse_rate": 60 + (7 * s + d) % 40}}],
+            }
+            if (s + d) % 10 == 0:
+                env["waveforms"] = [
+                    {"metric": "pleth", "t0": t, "hz": 125.0, "samples": [round(0.5 + 0.01 * k, 3) for k in range(25)]}
+                ]
+            out.append(env)
+    return out
+
+
+def encode(env: dict, i: int) -> bytes:
+    """JSON for even i, MessagePack for odd i."""
+    return orjson.dumps(env) if i % 2 == 0 else msgspec.msgpack.encode(env)
+
+
+def topic(env: dict) -> str:
+    return f"devices/{env['device_id']}/telemetry"

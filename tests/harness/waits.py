@@ -1,4 +1,4 @@
-"""Small helpers shared by tests and the bench: polling with a deadline, free ports.
+"""Waiting on a condition with a deadline, for tests and the benches.
 
 Tests wait on conditions, never on fixed sleeps: ``wait_for`` (sync) and
 ``await_for`` (async) poll a predicate until it returns a truthy value or the
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["await_for", "free_port", "wait_for"]
+__all__ = ["await_for", "wait_for"]
 
 T = TypeVar("T")
 
@@ -116,14 +115,3 @@ async def await_for(
             raise AssertionError(f"Timed out after {timeout:g}s waiting for: {text}") from last_error
         await asyncio.sleep(min(interval, remaining))
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now (the OS picks it).
-
-    Another process can still take it before the caller binds it; services that
-    need the port again later (a restart) keep it once they have bound it.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
