@@ -1,6 +1,6 @@
 """``gateway.sinks.copybin`` against asyncpg's own ``copy_records_to_table``.
 
-Each method writes the same rows into a throwaway TimescaleDB (``tests.services``), the rows the
+Each method writes the same rows into a throwaway TimescaleDB (``tests.harness``), the rows the
 sink writes for two workloads, built by the same generators and checks as the gateway:
 
 - **stress**: pulse oximeters, 5 numerics x (spo2, pulse_rate) per envelope, no waveforms;
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dsn:
         results = asyncio.run(measure(args.dsn, batches, args.repeats))
     else:
-        from tests.services import PostgresCluster
+        from tests.harness import PostgresCluster
 
         pg = PostgresCluster(Path(tempfile.mkdtemp(prefix="vitalgate-copybin-")))
         try:
