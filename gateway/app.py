@@ -166,6 +166,10 @@ class Gateway:
             sources.append(asyncio.create_task(self.mqtt.run(), name="mqtt-source"))
         if self.http is not None:
             sources.append(asyncio.create_task(self.http.run(), name="http-source"))
+        if self.config.retention.enabled:  # every process tries; the one holding the advisory lock runs it
+            from gateway.retention import schedule
+
+            sources.append(asyncio.create_task(schedule(self.config, self.should_exit), name="retention"))
         log.info("Gateway running.", extra={"gateway_id": self.config.gateway_id})
         stop = asyncio.create_task(self.should_exit.wait(), name="exit-wait")
         done, _ = await asyncio.wait({stop, writer, *sources}, return_when=asyncio.FIRST_COMPLETED)
