@@ -296,3 +296,19 @@ async def test_hold_arguments_are_checked(cli):
         assert rc == 2 and message in err, err
     rc, _, err = await cli("hold", "release", "x1", "--reason", "r")
     assert rc == 2 and "HOLD_ID: 'x1' is not a hold id" in err
+
+
+async def test_the_gateway_runs_retention_on_its_schedule(db_dsn, gateway_factory):
+    t0 = await _seed(db_dsn)
+    env = {f"VITALGATE_RETENTION_{k}_DAYS": "7" for k in ("READINGS", "WAVEFORM_BLOCKS", "INGESTS", "REJECTED")}
+    gw = gateway_factory(db_dsn, env={**env, "VITALGATE_RETENTION_ENABLED": "true"})
+    await asyncio.to_thread(gw.start)
+
+    async def old_chunks_gone() -> bool:
+        return all(start > t0 + 3 * HOUR for _, start in await _chunks(db_dsn))
+
+    await await_for(old_chunks_gone, timeout=30, message=lambda: f"old chunks still there:\n{gw.log_tail()}")
+    assert await asyncio.to_thread(gw.terminate) == 0
+    drops = await _fetch(db_dsn, "SELECT actor FROM audit_log WHERE action = 'retention.drop_chunk'")
+    assert [r[0] for r in drops] == ["gateway:test-gw"] * 4
+    assert "Retention done." in gw.log_text()
