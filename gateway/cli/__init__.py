@@ -5,7 +5,8 @@ One module per command group registers its parser here: ``run``, ``db``, ``confi
 A command's handler returns its exit status, or a coroutine that ``main`` runs to get it:
 this module is the only one that chooses the event loop (uvloop).
 
-Exit status: 0 done; 1 refused by the registry's state, nothing changed (``Refused``); 2
+Exit status: 0 done; 1 refused by the registry's or the holds' state, or another retention
+run is under way, nothing changed (``Refused``); 2
 invalid arguments, configuration, input or profiles, or the database cannot be used
 (``Invalid``, ``ConfigError``, ``GatewayError``, and argparse's usage errors); 130
 interrupted (SIGINT).
