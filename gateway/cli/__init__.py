@@ -6,10 +6,9 @@ A command's handler returns its exit status, or a coroutine that ``main`` runs t
 this module is the only one that chooses the event loop (uvloop).
 
 Exit status: 0 done; 1 refused by the registry's or the holds' state, or another retention
-run is under way, nothing changed (``Refused``); 2
-invalid arguments, configuration, input or profiles, or the database cannot be used
-(``Invalid``, ``ConfigError``, ``GatewayError``, and argparse's usage errors); 130
-interrupted (SIGINT).
+run is under way, nothing changed (``Refused``); 2 invalid arguments, configuration, input
+or profiles, or the database cannot be used (``Invalid``, ``ConfigError``,
+``GatewayError``, and argparse's usage errors); 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
