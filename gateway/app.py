@@ -129,6 +129,10 @@ class Gateway:
         pipeline = self.pipeline
         writer = asyncio.create_task(pipeline.run(), name="pipeline-writer")
         sources = [asyncio.create_task(source.run(), name=f"{name}-source") for name, source in self.sources.items()]
+        if self.config.retention.enabled:  # every process tries; the one holding the advisory lock runs it
+            from gateway.retention import schedule
+
+            sources.append(asyncio.create_task(schedule(self.config, self.should_exit), name="retention"))
         log.info("Gateway running.", extra={"gateway_id": self.config.gateway_id})
         stop = asyncio.create_task(self.should_exit.wait(), name="exit-wait")
         done, _ = await asyncio.wait({stop, writer, *sources}, return_when=asyncio.FIRST_COMPLETED)

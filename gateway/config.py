@@ -27,6 +27,7 @@ __all__ = [
     "RetryConfig",
     "ChecksConfig",
     "ProfilesConfig",
+    "RetentionConfig",
     "GatewayConfig",
     "load",
     "pending_budget",
@@ -130,6 +131,41 @@ class ProfilesConfig(_Section):
     default: str | None = None  # profile for envelopes without one (until devices are registered)
 
 
+Days = Annotated[float, Meta(ge=0)]  # 0: kept forever
+
+
+class RetentionConfig(_Section):
+    enabled: bool = False  # the gateway runs the job every interval_s (one process at a time)
+    interval_s: PosFloat = 3600.0
+    readings_days: Days = 90.0
+    waveform_blocks_days: Days = 30.0
+    ingests_days: Days = 90.0
+    rejected_days: Days = 30.0
+    audit_log_days: Days = 0.0
+    audit_floor_days: Annotated[float, Meta(ge=1)] = 2190.0
+    delete_batch_rows: PosInt = 10_000
+
+    def __post_init__(self) -> None:
+        # ingests are the provenance of readings and waveform blocks: never shorter-lived
+        for key in ("readings_days", "waveform_blocks_days"):
+            if _shorter(self.ingests_days, getattr(self, key)):
+                raise ValueError(f"ingests_days ({self.ingests_days:g}) must not be shorter than {key}: "
+                                 "every stored reading keeps its ingest")
+        if self.audit_log_days:
+            if self.audit_log_days < self.audit_floor_days:
+                raise ValueError(f"audit_log_days ({self.audit_log_days:g}) is below audit_floor_days "
+                                 f"({self.audit_floor_days:g})")
+            for key in ("readings_days", "waveform_blocks_days", "ingests_days", "rejected_days"):
+                if _shorter(self.audit_log_days, getattr(self, key)):
+                    raise ValueError(f"audit_log_days ({self.audit_log_days:g}) must not be shorter than {key}: "
+                                     "the audit log is kept longest")
+
+
+def _shorter(days: float, other: float) -> bool:
+    """``days`` keeps data for less time than ``other`` (0 means forever)."""
+    return days != 0 and (other == 0 or days < other)
+
+
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     gateway_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -148,6 +184,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     retry: RetryConfig = RetryConfig()
     checks: ChecksConfig = ChecksConfig()
     profiles: ProfilesConfig = ProfilesConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     def __post_init__(self) -> None:
         if not self.mqtt.enabled and not self.http.enabled:

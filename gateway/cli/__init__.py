@@ -1,14 +1,14 @@
 """The ``vitalgate`` command line: the top-level parser, the event loop, the exit status.
 
 One module per command group registers its parser here: ``run``, ``db``, ``config``,
-``replay``, ``profiles``, ``devices``, ``keys``. A command's handler returns its exit
-status, or a coroutine that ``main`` runs to get it: this module is the only one that
-chooses the event loop (uvloop).
+``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``).
+A command's handler returns its exit status, or a coroutine that ``main`` runs to get it:
+this module is the only one that chooses the event loop (uvloop).
 
-Exit status: 0 done; 1 refused by the registry's state, nothing changed (``Refused``); 2
-invalid arguments, configuration, input or profiles, or the database cannot be used
-(``Invalid``, ``ConfigError``, ``GatewayError``, and argparse's usage errors); 130
-interrupted (SIGINT).
+Exit status: 0 done; 1 refused by the registry's or the holds' state, or another retention
+run is under way, nothing changed (``Refused``); 2 invalid arguments, configuration, input
+or profiles, or the database cannot be used (``Invalid``, ``ConfigError``,
+``GatewayError``, and argparse's usage errors); 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.cli import config, db, devices, keys, profiles, replay, run
+from gateway.cli import holds, retention
 from gateway.cli.common import ENV_HELP, CommandError, Refused
 from gateway.errors import ConfigError, GatewayError
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     profiles.add_parser(sub)
     devices.add_parser(sub)
     keys.add_parser(sub)
+    retention.add_parser(sub)
+    holds.add_parser(sub)
     return parser
 
 

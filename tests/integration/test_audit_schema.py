@@ -20,7 +20,7 @@ from gateway.model import AuditEvent, RawMessage
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
 from gateway.registry import Registry, hash_secret, new_token
-from gateway.sinks.schema import SCHEMA_VERSION, migrate
+from gateway.sinks.schema import MIGRATIONS, migrate
 from gateway.sinks.timescale import TimescaleSink
 from tests.harness import PROFILES, await_for
 
@@ -42,7 +42,7 @@ def gateway_login(db_dsn: str, pg_cluster):
     async def setup() -> str:
         owner = await asyncpg.connect(db_dsn)
         try:
-            assert await migrate(owner) == list(range(1, SCHEMA_VERSION + 1))
+            assert await migrate(owner) == [v for v, _, _ in MIGRATIONS]
             role = f"vg_login_{next(_roles)}_{time.monotonic_ns() % 10**9}"
             await owner.execute(f"CREATE ROLE {role} LOGIN; GRANT vitalgate_gateway TO {role}")
             return role

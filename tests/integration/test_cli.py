@@ -8,17 +8,19 @@ import asyncpg
 import pytest
 
 from gateway.cli import main
+from gateway.sinks.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
+VERSIONS = [v for v, _, _ in MIGRATIONS]
 
 
 def test_db_migrate_is_idempotent_and_records_the_version(db_dsn, monkeypatch, capsys):
     monkeypatch.setenv("VITALGATE_DATABASE_URL", db_dsn)
     assert main(["db", "migrate"]) == 0
-    assert "Applied migrations 1, 2; schema version 2." in capsys.readouterr().out
+    assert f"Applied migrations {', '.join(map(str, VERSIONS))}; schema version {SCHEMA_VERSION}." in capsys.readouterr().out
     assert main(["db", "migrate"]) == 0
-    assert "Schema is up to date (version 2)." in capsys.readouterr().out
+    assert f"Schema is up to date (version {SCHEMA_VERSION})." in capsys.readouterr().out
 
     async def inspect() -> tuple[list, list]:
         conn = await asyncpg.connect(db_dsn)
@@ -30,7 +32,7 @@ def test_db_migrate_is_idempotent_and_records_the_version(db_dsn, monkeypatch, c
             await conn.close()
 
     versions, hypertables = asyncio.run(inspect())
-    assert versions == [1, 2]
+    assert versions == VERSIONS
     assert hypertables == ["readings", "waveform_blocks"]
 
 
