@@ -22,7 +22,7 @@ import pytest
 from gateway.cli import main
 from gateway.retention import LOCK_KEY
 from gateway.sinks.schema import migrate
-from tests.util import await_for
+from tests.harness import await_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 ACTOR = f"cli:{getpass.getuser()}"
