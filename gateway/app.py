@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from gateway.api import ReadSide  # importing registers the read operations of the HTTPS source
 from gateway.checks import CheckSettings
 from gateway.config import GatewayConfig
 from gateway.errors import SinkError
@@ -61,6 +62,7 @@ class Gateway:
         self.router: Router | None = None  # with workers > 1
         self.intake: Pipeline | Router | None = None  # what the sources hand payloads to
         self.drained = True
+        self.read: ReadSide | None = None  # the query API and live stream, served with HTTPS
 
     def handle_exit(self, sig: int) -> None:
         """Signal handler: first signal asks for a graceful stop, the second forces it."""
@@ -145,6 +147,8 @@ class Gateway:
             assert self.registry is not None
             self.http = HttpSource(cfg.http, intake=intake, registry=self.registry, metrics=self.metrics,
                                    gateway_id=cfg.gateway_id, reuse_port=cfg.workers > 1)
+            self.read = await ReadSide.open(cfg, profiles, self.pipeline)  # query API and live stream
+            self.http.ctx.read = self.read
             await self.http.start()  # binds now: a taken port or a bad certificate stops start-up
         # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
         # young generation is collected less often: batches hold thousands of short-lived,
@@ -214,6 +218,8 @@ class Gateway:
             await self.router.close()
         if self.http is not None:
             await self.http.close()
+        if self.read is not None:
+            await self.read.close()
         if self.mqtt is not None:
             await self.mqtt.close()
         for t in sources:

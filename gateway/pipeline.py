@@ -96,6 +96,7 @@ class _Batch:
 
 
 AlertPublisher = Callable[[Sequence[AlertEvent]], None]
+CommitListener = Callable[[WriteBatch, Sequence[int | None]], None]
 
 
 class Pipeline:
@@ -136,6 +137,7 @@ class Pipeline:
         self._behind_until = 0.0  # monotonic time until which silent ticks wait (see _tick_events)
         self._deferring = False
         self._alert_publishers: list[AlertPublisher] = []
+        self._commit_listeners: list[CommitListener] = []
         self._received: dict[str, object] = {}
         self._resolve: str | None | Callable[[str], str | None] = (
             self._registered_profile if settings.require_registration
@@ -165,6 +167,15 @@ class Pipeline:
     def add_alert_publisher(self, publish: AlertPublisher) -> None:
         """Call ``publish(events)`` after each commit that opened or closed alerts."""
         self._alert_publishers.append(publish)
+
+    def add_commit_listener(self, listen: CommitListener) -> None:
+        """Call ``listen(batch, ingest_ids)`` after every commit, in commit order, from the writer.
+
+        ``batch`` holds the new envelopes' numeric and waveform columns with their flags, and
+        the alert events; rows of an envelope whose id is ``None`` were stored before and are
+        not in the database twice. The call must be quick (O(batch)) and never block.
+        """
+        self._commit_listeners.append(listen)
 
     @property
     def pending_bytes(self) -> int:
@@ -663,6 +674,11 @@ class Pipeline:
                     publish(wb.alerts)
                 except Exception as exc:  # noqa: BLE001 - publishing is best effort after commit
                     log.warning("Alert publication failed.", extra={"error": repr(exc)})
+        for listen in self._commit_listeners:
+            try:
+                listen(wb, ids)
+            except Exception as exc:  # noqa: BLE001 - a reader of committed data must not break the writer
+                log.warning("Commit listener failed.", extra={"error": repr(exc)})
 
     @staticmethod
     def _key(d: Decoded) -> tuple[str, bytes]:

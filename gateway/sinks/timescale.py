@@ -23,6 +23,7 @@ from gateway.errors import SinkError
 from gateway.retry import is_retriable
 from gateway.sinks import History, OpenEpisode, WriteBatch
 from gateway.sinks import copybin
+from gateway.sinks.rollups import write_rollups
 from gateway.sinks.schema import migrate
 
 __all__ = ["TimescaleSink"]
@@ -325,8 +326,9 @@ class TimescaleSink:
         if not keep.all():
             sel = np.flatnonzero(keep)
             t, env, met, val, flg, ingest = num.t[sel], num.env[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
+            dev = num.device[sel]
         else:
-            t, env, met, val, flg = num.t, num.env, num.metric, num.value, batch.num_flags
+            t, env, met, val, flg, dev = num.t, num.env, num.metric, num.value, batch.num_flags, num.device
         if len(t) == 0:
             return
         dcodes = env_codes[env]
@@ -340,6 +342,7 @@ class TimescaleSink:
             copybin.fixed(ingest, ">i8"),
         ])
         await conn.copy_to_table("readings", source=_once(data), columns=_READING_COLUMNS, format="binary")
+        await write_rollups(conn, dev, met, t, val, flg)  # same transaction: rollups commit with their readings
 
     async def _copy_waveforms(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
         wav = batch.wav
