@@ -23,12 +23,14 @@ from gateway.metrics import Metrics
 from gateway.model import FLAG_NAMES, AlertEvent, Outcome
 from gateway.sinks import WriteBatch
 
-__all__ = ["AlertPublisher", "Acknowledger"]
+__all__ = ["AlertPublisher", "CommitListener", "Acknowledger"]
 
 log = logging.getLogger(__name__)
 _LOG_ALERTS_MAX = 20  # alert events logged one by one per batch; beyond, one summary line
 
 AlertPublisher = Callable[[Sequence[AlertEvent]], None]
+# (the committed batch, the ingest id per envelope: None where it was stored before)
+CommitListener = Callable[[WriteBatch, Sequence[int | None]], None]
 _Committed = tuple[Batch, WriteBatch, dict[Key, int], list[int | None]]
 
 
@@ -40,6 +42,7 @@ class Acknowledger:
         self.clock = clock
         self._release = release
         self.publishers: list[AlertPublisher] = []
+        self.listeners: list[CommitListener] = []
         self.committed_batches = 0
         self._next_seq = 0
         self._acked_seq = 0
@@ -73,6 +76,11 @@ class Acknowledger:
         self._count(batch, wb, len(known))
         if wb.alerts:
             self._alerts(wb.alerts)
+        for listen in self.listeners:
+            try:
+                listen(wb, ids)
+            except Exception as exc:  # noqa: BLE001 - a reader of committed data must not break the writer
+                log.warning("Commit listener failed.", extra={"error": repr(exc)})
 
     def _count(self, batch: Batch, wb: WriteBatch, n_known: int) -> None:
         m = self.metrics

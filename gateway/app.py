@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from gateway.api import ReadSide  # importing registers the read operations of the HTTPS source
 from gateway.config import GatewayConfig, pending_budget
 from gateway.errors import SinkError
 from gateway.metrics import Metrics
@@ -45,6 +46,7 @@ class Gateway:
         self.router: Router | None = None  # with workers > 1
         self.intake: Pipeline | Router | None = None  # what the sources hand payloads to
         self.drained = True
+        self.read: ReadSide | None = None  # the query API and live stream, served with HTTPS
 
     def handle_exit(self, sig: int) -> None:
         """Signal handler: first signal asks for a graceful stop, the second forces it."""
@@ -111,6 +113,10 @@ class Gateway:
             alerts = AlertPublication(mqtt, topic=cfg.mqtt.alerts_topic,  # type: ignore[arg-type]
                                       max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)
             self.pipeline.add_alert_publisher(alerts.publish)
+        http = self.sources.get("http")
+        if http is not None:  # the query API and the live stream are served with HTTPS
+            self.read = await ReadSide.open(cfg, profiles, self.pipeline)
+            http.ctx.read = self.read  # type: ignore[attr-defined]
         for source in self.sources.values():
             await source.start()  # a taken port or a bad certificate stops start-up here
         # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
@@ -179,6 +185,8 @@ class Gateway:
             await self.router.close()
         for source in reversed(self.sources.values()):
             await source.close()
+        if self.read is not None:
+            await self.read.close()
         for t in sources:
             try:
                 await asyncio.wait_for(t, 5.0)

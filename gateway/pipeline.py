@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from typing import cast
 
-from gateway.acks import Acknowledger, AlertPublisher
+from gateway.acks import Acknowledger, AlertPublisher, CommitListener
 from gateway.batching import Batch, Batcher
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.decode import Decoded, decode
@@ -110,6 +110,15 @@ class Pipeline:
     def add_alert_publisher(self, publish: AlertPublisher) -> None:
         """Call ``publish(events)`` after each commit that opened or closed alerts."""
         self._acks.publishers.append(publish)
+
+    def add_commit_listener(self, listen: CommitListener) -> None:
+        """Call ``listen(batch, ingest_ids)`` after every commit, in commit order, from the writer.
+
+        ``batch`` holds the new envelopes' numeric and waveform columns with their flags, and
+        the alert events; rows of an envelope whose id is ``None`` were stored before and are
+        not in the database twice. The call must be quick (O(batch)) and never block.
+        """
+        self._acks.listeners.append(listen)
 
     def validate(self, raw: RawMessage) -> Decoded:
         """Decode and validate one payload without taking it; raise ``RejectError`` naming the field

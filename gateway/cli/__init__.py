@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(sub)
     retention.add_parser(sub)
     holds.add_parser(sub)
+    from gateway.query.cli import add_parsers as add_association_parsers
+
+    add_association_parsers(sub)
     return parser
 
 

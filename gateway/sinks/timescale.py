@@ -28,6 +28,7 @@ from gateway.sinks import copybin
 from gateway.sinks import timescale_reads as reads
 from gateway.sinks.quarantine import write_rejected
 from gateway.sinks.records import write_alerts, write_audit
+from gateway.sinks.rollups import write_rollups
 from gateway.sinks.schema import migrate
 
 __all__ = ["TimescaleSink"]
@@ -201,12 +202,13 @@ class TimescaleSink:
             sel = np.flatnonzero(keep)
             if len(sel) == 0:
                 return
-            records = copybin.reading_records(
-                num.t[sel], num.device[sel], num.metric[sel], num.value[sel], batch.num_flags[sel], ingest[sel]
-            )
+            t, dev, met, val, flg = num.t[sel], num.device[sel], num.metric[sel], num.value[sel], batch.num_flags[sel]
+            ingest = ingest[sel]
         else:
-            records = copybin.reading_records(num.t, num.device, num.metric, num.value, batch.num_flags, ingest)
+            t, dev, met, val, flg = num.t, num.device, num.metric, num.value, batch.num_flags
+        records = copybin.reading_records(t, dev, met, val, flg, ingest)
         await conn.copy_records_to_table("readings", records=records, columns=_READING_COLUMNS)
+        await write_rollups(conn, dev, met, t, val, flg)  # same transaction: rollups commit with their readings
 
     async def _copy_waveforms(self, conn: asyncpg.Connection, batch: WriteBatch, ids: list[int | None]) -> None:
         wav = batch.wav

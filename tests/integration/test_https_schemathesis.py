@@ -34,6 +34,8 @@ from tests.harness import PostgresCluster
 pytestmark = pytest.mark.integration
 
 EXAMPLES = 50
+READ_OPERATIONS = {"GET /v1/devices", "GET /v1/latest", "GET /v1/readings", "GET /v1/waveforms", "GET /v1/alerts",
+                   "GET /v1/associations", "POST /v1/associations", "POST /v1/associations/{device_id}/end"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 
@@ -56,10 +58,16 @@ def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
         pg_cluster.drop_database(name)
 
 
-def _credential(gw: HttpsGateway, path: str) -> dict[str, str]:
-    secret = {"/v1/telemetry": gw.tokens["st-1"], "/v1/status": gw.keys["read"],
-              "/v1/devices/{device_id}": gw.keys["admin"]}.get(path)
-    return {"Authorization": f"Bearer {secret}"} if secret else {}
+def _credential(gw: HttpsGateway, method: str, path: str) -> dict[str, str]:
+    if path == "/openapi.json":
+        return {}
+    if path == "/v1/telemetry":
+        secret = gw.tokens["st-1"]
+    elif path == "/v1/devices/{device_id}" or method == "POST":
+        secret = gw.keys["admin"]
+    else:
+        secret = gw.keys["read"]
+    return {"Authorization": f"Bearer {secret}"}
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
@@ -73,9 +81,9 @@ def test_served_document_holds_for_generated_requests(gw: HttpsGateway, mode: Ge
     seen: dict[str, set[int]] = {}
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {op.label for op in operations} == {"POST /v1/telemetry", "GET /v1/status", "GET /v1/devices/{device_id}",
-                                              "GET /openapi.json"}
+                                              "GET /openapi.json", *READ_OPERATIONS}
     for op in operations:
-        headers = _credential(gw, op.path)
+        headers = _credential(gw, op.method.upper(), op.path)
         statuses = seen.setdefault(op.label, set())
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -96,4 +104,6 @@ def test_served_document_holds_for_generated_requests(gw: HttpsGateway, mode: Ge
     if mode is GenerationMode.POSITIVE:  # the generated requests reached the handlers, not just the auth
         assert seen["GET /v1/status"] == {200}
         assert seen["POST /v1/telemetry"] & {400, 403}
+        for label in READ_OPERATIONS:
+            assert seen[label] & {200, 201, 404, 409}, (label, seen[label])
     assert gw.proc is not None and "Request failed unexpectedly" not in gw.proc.log_text()

@@ -141,6 +141,8 @@ class Operation:
     request_body: Any = None  # type of the request body (JSON/MessagePack), if any
     request_content_types: tuple[str, ...] = ()
     path_params: dict[str, str] = field(default_factory=dict)  # name -> regex pattern
+    query_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> JSON schema (all optional)
+    produces: str | None = None  # content type of a non-JSON 200 body (a stream)
 
 
 OPERATIONS: list[Operation] = []
@@ -164,6 +166,8 @@ def operation(
     request_body: Any = None,
     request_content_types: tuple[str, ...] = (),
     path_params: dict[str, str] | None = None,
+    query_params: dict[str, dict[str, Any]] | None = None,
+    produces: str | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare a handler as an operation of the API (see the module docstring)."""
 
@@ -182,6 +186,8 @@ def operation(
                 request_body=request_body,
                 request_content_types=request_content_types,
                 path_params=path_params or {},
+                query_params=query_params or {},
+                produces=produces,
             )
         )
         return handler

@@ -36,6 +36,7 @@ class Context:
     started: float = field(default_factory=time.monotonic)
     accepting: bool = True
     waiting: set[asyncio.Future[object]] = field(default_factory=set)  # outcomes requests wait for
+    read: object | None = None  # the read side (gateway.api.ReadSide) when the query API is served
 
     def audit(self, request: web.Request, actor: str, action: str, target: str | None,
               detail: dict[str, object] | None = None) -> None:

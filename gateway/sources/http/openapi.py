@@ -90,6 +90,8 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
     body_types: set[Any] = {ErrorBody, Envelope}
     for op in OPERATIONS:
         body_types.update(t for _, t in op.responses.values() if t is not None)
+        if isinstance(op.request_body, type) and issubclass(op.request_body, msgspec.Struct):
+            body_types.add(op.request_body)  # a plain JSON body: its Struct's own schema
     ordered = sorted(body_types, key=lambda t: t.__name__)
     _, components = msgspec.json.schema_components(ordered, ref_template=_REF)
     envelope_ref = {"$ref": _REF.format(name="Envelope")}
@@ -101,6 +103,8 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
             ]
         }
     }
+    request_schemas.update({t: {"$ref": _REF.format(name=t.__name__)} for t in body_types
+                            if isinstance(t, type) and t not in request_schemas})
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         entry: dict[str, Any] = {
@@ -116,6 +120,11 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
                 {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": pattern}}
                 for name, pattern in op.path_params.items()
             ]
+        if op.query_params:
+            entry.setdefault("parameters", []).extend(
+                {"name": name, "in": "query", "required": False, "schema": schema}
+                for name, schema in op.query_params.items()
+            )
         if op.request_body is not None:
             schema = request_schemas[op.request_body]
             entry["requestBody"] = {
@@ -131,6 +140,8 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
             schema = _schema_of(tp)
             if schema is not None:
                 resp["content"] = {"application/json": {"schema": schema}}
+            elif op.produces is not None and status == 200:
+                resp["content"] = {op.produces: {"schema": {"type": "string"}}}
             elif op.operation_id == "getOpenApi" and status == 200:
                 resp["content"] = {"application/json": {"schema": {"type": "object"}}}
             entry["responses"][str(status)] = resp

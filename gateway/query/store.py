@@ -1,0 +1,234 @@
+"""SQL reads of the query API, on a pool of their own so reads never take the writer's connections.
+
+Every read names *windows*: ``(device, lo_ms, hi_ms)`` triples. A device read is one
+window; a patient read is one per association of the patient (``associations.windows``),
+so each device's readings count only within its own association. Windows travel as
+three arrays joined with ``unnest``, one statement per read.
+
+Pagination is by keyset: rows come in a total order and the cursor holds the last
+row's key (see ``cursor.py``). Rows of ``readings`` and ``waveform_blocks`` have no
+unique key (one envelope may repeat a timestamp), so their cursor also counts how many
+rows of the last key were already returned.
+
+Buckets of whole minutes read the rollups (``readings_1m``) for the whole minutes of each
+window and ``readings`` only for the partial minutes at its edges, so a bucketed answer
+equals the same aggregate over ``readings`` without scanning it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway.model import ARTIFACT_FLAGS, Flag
+
+from .cursor import Page, page
+
+__all__ = ["ReadStore", "Windows", "MINUTE_MS", "LATEST_LOOKBACK_MS"]
+
+Windows = Sequence[tuple[str, int, int]]
+MINUTE_MS = 60_000
+LATEST_LOOKBACK_MS = 7 * 86_400_000  # latest values: readings of the last 7 days (as the checks' history)
+
+
+def _e(x: str) -> str:
+    return f"(timestamptz 'epoch' + {x} * interval '1 millisecond')"
+
+
+def _ms(x: str) -> str:
+    return f"(extract(epoch FROM {x}) * 1000)::bigint"
+
+
+_W = "unnest($1::text[], $2::bigint[], $3::bigint[]) AS w(d, lo, hi)"
+
+_READINGS = f"""
+SELECT r.device_id, r.metric, {_ms('r.time')} AS t, r.value, r.flags, r.ingest_id
+FROM {_W}
+JOIN readings r ON r.device_id = w.d AND r.time >= {_e('w.lo')} AND r.time < {_e('w.hi')}
+WHERE ($4::text IS NULL OR r.metric = $4) AND {{flags}}
+  AND ($5::bigint IS NULL OR (r.time, r.device_id, r.metric, r.ingest_id) >= ({_e('$5::bigint')}, $6, $7, $8))
+ORDER BY r.time, r.device_id, r.metric, r.ingest_id, r.value, r.flags
+LIMIT $9
+"""
+
+_FLAGS = {"include": "true", "exclude": "r.flags = 0", "only": "r.flags <> 0"}
+_BUCKET_FLAGS = {"include": f"(r.flags & {ARTIFACT_FLAGS}) = 0", "exclude": "r.flags = 0", "only": "r.flags <> 0"}
+
+_BUCKETS = f"""
+WITH parts AS (
+    SELECT r.device_id, r.metric, r.bucket AS t, r.min, r.max, r.sum, r.count
+    FROM {_W}
+    JOIN readings_1m r ON r.device_id = w.d AND r.bucket >= {_e('w.lo')} AND r.bucket < {_e('w.hi')}
+    WHERE ($7::text IS NULL OR r.metric = $7) AND r.bucket >= {_e('$9::bigint')}
+  UNION ALL
+    SELECT r.device_id, r.metric, r.time, r.value, r.value, r.value, 1
+    FROM unnest($4::text[], $5::bigint[], $6::bigint[]) AS w(d, lo, hi)
+    JOIN readings r ON r.device_id = w.d AND r.time >= {_e('w.lo')} AND r.time < {_e('w.hi')}
+    WHERE ($7::text IS NULL OR r.metric = $7) AND {{flags}} AND r.time >= {_e('$9::bigint')}
+)
+SELECT device_id, metric, {_ms('time_bucket($8::interval, t)')} AS t,
+       min(min) AS min, max(max) AS max, sum(sum) / sum(count) AS avg, sum(count)::bigint AS count
+FROM parts
+GROUP BY device_id, metric, time_bucket($8::interval, t)
+HAVING $10::text IS NULL OR ({_ms('time_bucket($8::interval, t)')}, device_id, metric) > ($9, $10, $11)
+ORDER BY 3, 1, 2
+LIMIT $12
+"""
+
+_WAVEFORMS = f"""
+SELECT b.device_id, b.metric, {_ms('b.time')} AS t, b.hz, b.samples, b.flags, b.ingest_id
+FROM {_W}
+JOIN waveform_blocks b ON b.device_id = w.d AND b.time >= {_e('w.lo')} AND b.time < {_e('w.hi')}
+WHERE ($4::text IS NULL OR b.metric = $4)
+  AND ($5::bigint IS NULL OR (b.time, b.device_id, b.metric, b.ingest_id) >= ({_e('$5::bigint')}, $6, $7, $8))
+ORDER BY b.time, b.device_id, b.metric, b.ingest_id, b.flags, b.hz
+LIMIT $9
+"""
+
+_ALERTS = f"""
+SELECT a.id, a.device_id, a.rule, a.priority, a.metric, {_ms('a.opened_at')} AS opened_at,
+       {_ms('a.cleared_at')} AS cleared_at, a.trigger_value
+FROM {_W}
+JOIN alerts a ON a.device_id = w.d AND a.opened_at >= {_e('w.lo')} AND a.opened_at < {_e('w.hi')}
+WHERE ($4::bool IS NOT TRUE OR a.cleared_at IS NULL)
+  AND ($5::bigint IS NULL OR (a.opened_at, a.id) < ({_e('$5::bigint')}, $6))
+ORDER BY a.opened_at DESC, a.id DESC
+LIMIT $7
+"""
+
+_LATEST = f"""
+SELECT u.d, u.m, x.t, x.value, x.flags
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(d, m, lo, hi)
+CROSS JOIN LATERAL (
+    SELECT {_ms('time')} AS t, value, flags FROM readings
+    WHERE device_id = u.d AND metric = u.m AND time >= {_e('u.lo')} AND time < {_e('u.hi')}
+    ORDER BY time DESC, (flags & {int(Flag.OUT_OF_ORDER)}), ingest_id DESC LIMIT 1) AS x
+ORDER BY u.d, u.m
+"""
+
+_DEVICES = """
+WITH known AS (
+    SELECT device_id, profile, status FROM devices
+    UNION ALL
+    SELECT DISTINCT a.device_id, NULL, 'unregistered' FROM associations a
+    WHERE a.ended_at IS NULL AND NOT EXISTS (SELECT FROM devices d WHERE d.device_id = a.device_id)
+)
+SELECT k.device_id, k.profile, k.status, a.patient_ref, a.location
+FROM known k
+LEFT JOIN associations a ON a.device_id = k.device_id
+     AND tstzrange(a.started_at, a.ended_at, '[)') @> now()
+WHERE ($1::text IS NULL OR starts_with(a.location, $1))
+  AND ($2::bool IS NULL OR (a.location IS NULL, coalesce(a.location, ''), k.device_id) > ($2, $3, $4))
+ORDER BY a.location IS NULL, coalesce(a.location, ''), k.device_id
+LIMIT $5
+"""
+
+_OPEN_ALERTS = f"""
+SELECT device_id, rule, priority, metric, {_ms('opened_at')} AS opened_at, trigger_value
+FROM alerts WHERE device_id = ANY($1::text[]) AND cleared_at IS NULL ORDER BY opened_at, id
+"""
+
+_AUDIT_READ = """
+INSERT INTO audit_log (actor, action, target, outcome, source_addr, correlation_id, detail)
+SELECT $1, $2, $3, 'success', $4, $5, CASE WHEN cardinality($7::text[]) = 0 THEN $6::jsonb
+       ELSE $6::jsonb || jsonb_build_object('patients', coalesce(
+    (SELECT jsonb_agg(DISTINCT a.patient_ref) FROM associations a
+     WHERE a.device_id = ANY($7::text[])
+       AND tstzrange(a.started_at, a.ended_at, '[)')
+           && tstzrange(timestamptz 'epoch' + $8::bigint * interval '1 millisecond',
+                        timestamptz 'epoch' + $9::bigint * interval '1 millisecond', '[)')), '[]'::jsonb)) END
+"""
+
+
+def _split(wins: Windows) -> tuple[list[str], list[int], list[int]]:
+    return [w[0] for w in wins], [w[1] for w in wins], [w[2] for w in wins]
+
+
+class ReadStore:
+    """Reads for the query API and the live stream (see the module docstring)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, gateway_id: str, max_size: int = 4, timeout_s: float = 10.0,
+                      command_timeout_s: float = 30.0) -> ReadStore:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, timeout=timeout_s,
+                                         command_timeout=command_timeout_s,
+                                         server_settings={"application_name": f"vitalgate-read:{gateway_id}"})
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def audit_read(self, *, actor: str, action: str, target: str | None, source_addr: str | None,
+                         correlation_id: str | None, detail: dict[str, Any], devices: Sequence[str],
+                         from_ms: int, to_ms: int) -> None:
+        """One ``audit_log`` row for a read of patient data, written before the data is sent;
+        ``detail.patients`` lists the patients associated with ``devices`` within the window."""
+        await self.pool.execute(_AUDIT_READ, actor, action, target, source_addr, correlation_id,
+                                orjson.dumps(detail).decode(), list(devices), from_ms, to_ms)
+
+    async def readings(self, wins: Windows, *, metric: str | None, flags: str, limit: int,
+                       cursor: tuple[list[Any], int] | None) -> Page:
+        key, skip = cursor if cursor else ([None, None, None, None], 0)
+        rows = await self.pool.fetch(_READINGS.format(flags=_FLAGS[flags]), *_split(wins), metric, *key,
+                                     limit + skip + 1)
+        return page(rows, key if cursor else None, skip, limit, lambda r: [r[2], r[0], r[1], r[5]])
+
+    async def buckets(self, wins: Windows, *, metric: str | None, bucket_ms: int, flags: str, limit: int,
+                      cursor: tuple[list[Any], int] | None) -> Page:
+        """Aggregates per bucket; rollups for whole minutes when the bucket is whole minutes and
+        ``flags`` is ``include`` (the rollups' own rule), ``readings`` otherwise."""
+        rolled: list[tuple[str, int, int]] = []
+        raw: list[tuple[str, int, int]] = []
+        if bucket_ms % MINUTE_MS == 0 and flags == "include":
+            for d, lo, hi in wins:
+                full_lo = -(-lo // MINUTE_MS) * MINUTE_MS
+                full_hi = hi // MINUTE_MS * MINUTE_MS
+                if full_lo >= full_hi:
+                    raw.append((d, lo, hi))
+                    continue
+                rolled.append((d, full_lo, full_hi))
+                if lo < full_lo:
+                    raw.append((d, lo, full_lo))
+                if full_hi < hi:
+                    raw.append((d, full_hi, hi))
+        else:
+            raw = list(wins)
+        (ct, cd, cm) = cursor[0] if cursor else (0, None, None)
+        rows = await self.pool.fetch(
+            _BUCKETS.format(flags=_BUCKET_FLAGS[flags]), *_split(rolled), *_split(raw), metric,
+            timedelta(milliseconds=bucket_ms), ct, cd, cm, limit + 1)
+        return page(rows, None, 0, limit, lambda r: [r[2], r[0], r[1]])
+
+    async def waveforms(self, wins: Windows, *, metric: str | None, limit: int,
+                        cursor: tuple[list[Any], int] | None) -> Page:
+        key, skip = cursor if cursor else ([None, None, None, None], 0)
+        rows = await self.pool.fetch(_WAVEFORMS, *_split(wins), metric, *key, limit + skip + 1)
+        return page(rows, key if cursor else None, skip, limit, lambda r: [r[2], r[0], r[1], r[6]])
+
+    async def alerts(self, wins: Windows, *, open_only: bool, limit: int,
+                     cursor: tuple[list[Any], int] | None) -> Page:
+        key = cursor[0] if cursor else [None, None]
+        rows = await self.pool.fetch(_ALERTS, *_split(wins), open_only, *key, limit + 1)
+        return page(rows, None, 0, limit, lambda r: [r[5], r[0]])
+
+    async def latest(self, pairs: Sequence[tuple[str, str, int, int]]) -> list[asyncpg.Record]:
+        """The latest reading of each ``(device, metric, lo_ms, hi_ms)`` within its window."""
+        if not pairs:
+            return []
+        return await self.pool.fetch(_LATEST, *(list(c) for c in zip(*pairs)))
+
+    async def devices(self, *, location: str | None, limit: int, cursor: tuple[list[Any], int] | None
+                      ) -> Page:
+        key = cursor[0] if cursor else [None, None, None]
+        rows = await self.pool.fetch(_DEVICES, location, *key, limit + 1)
+        return page(rows, None, 0, limit, lambda r: [r[4] is None, r[4] or "", r[0]])
+
+    async def open_alerts(self, devices: Sequence[str]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(_OPEN_ALERTS, list(devices)) if devices else []
