@@ -33,7 +33,7 @@ def test_db_migrate_is_idempotent_and_records_the_version(db_dsn, monkeypatch, c
 
     versions, hypertables = asyncio.run(inspect())
     assert versions == VERSIONS
-    assert hypertables == ["readings", "waveform_blocks"]
+    assert hypertables == ["readings", "readings_1m", "waveform_blocks"]
 
 
 def test_db_migrate_names_the_database_it_cannot_reach(monkeypatch, capsys):

@@ -22,9 +22,8 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from tests.gwproc import PROFILES, REPO
+from tests.harness import PROFILES, REPO, PostgresCluster
 from tests.integration.https_support import HttpsGateway, cli
-from tests.services import PostgresCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
