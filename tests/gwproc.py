@@ -46,6 +46,8 @@ class GatewayProcess:
             "VITALGATE_METRICS_PORT": str(self.metrics_port),
             # most tests publish from devices nobody registered; identity tests turn this on
             "VITALGATE_AUTH_REQUIRE_REGISTRATION": "false",
+            # the assertions on the log read its key=value form; tests/integration/test_log_lines.py reads JSON
+            "VITALGATE_LOG_FORMAT": "text",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
