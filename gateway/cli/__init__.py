@@ -1,7 +1,7 @@
 """The ``vitalgate`` command line: the top-level parser, the event loop, the exit status.
 
 One module per command group registers its parser here: ``run``, ``db``, ``config``,
-``replay``, ``profiles``, ``devices``, ``keys``. A command's handler returns its exit
+``replay``, ``profiles``, ``devices``, ``keys``, ``health``. A command's handler returns its exit
 status, or a coroutine that ``main`` runs to get it: this module is the only one that
 chooses the event loop (uvloop).
 
@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from gateway import __version__
-from gateway.cli import config, db, devices, keys, profiles, replay, run
+from gateway.cli import config, db, devices, health, keys, profiles, replay, run
 from gateway.cli.common import ENV_HELP, CommandError, Refused
 from gateway.errors import ConfigError, GatewayError
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiles.add_parser(sub)
     devices.add_parser(sub)
     keys.add_parser(sub)
+    health.add_parser(sub)
     return parser
 
 
