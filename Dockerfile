@@ -23,8 +23,15 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links /wheels vitalgate && rm -rf /wheels
 WORKDIR /app
 COPY --chown=root:root device_profiles/ /app/device_profiles/
+# The build fails if the runtime user could be root; the code and profiles stay root-owned (read-only to it).
+RUN test "$(id -u vitalgate)" != 0 && test "$(id -g vitalgate)" != 0
 USER vitalgate:vitalgate
-# Prometheus metrics
+# Prometheus metrics (worker i of --workers N: 9464 + i)
 EXPOSE 9464
+# `vitalgate health` GETs /healthz from the metrics listener (127.0.0.1:metrics_port), exit 0 or 1.
+# With --workers N, override it with `vitalgate health --workers N` (deploy/compose.yaml does).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["vitalgate", "health"]
+# SIGTERM drains (shutdown_timeout_s, default 30 s): give `docker stop` a longer --time.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["vitalgate"]
 CMD ["run"]

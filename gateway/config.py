@@ -28,6 +28,7 @@ __all__ = [
     "ChecksConfig",
     "ProfilesConfig",
     "RetentionConfig",
+    "LogConfig",
     "GatewayConfig",
     "load",
     "pending_budget",
@@ -164,11 +165,14 @@ class RetentionConfig(_Section):
 def _shorter(days: float, other: float) -> bool:
     """``days`` keeps data for less time than ``other`` (0 means forever)."""
     return days != 0 and (other == 0 or days < other)
+class LogConfig(_Section):
+    format: Literal["auto", "json", "text"] = "auto"  # auto: JSON lines unless stderr is a terminal
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    repeat_window_s: PosFloat = 10.0  # identical warnings within it: the first, then one line with repeated: N
 
 
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     gateway_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = ""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_payload_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     quarantine_payload_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024
     shutdown_timeout_s: PosFloat = 30.0
@@ -185,6 +189,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     checks: ChecksConfig = ChecksConfig()
     profiles: ProfilesConfig = ProfilesConfig()
     retention: RetentionConfig = RetentionConfig()
+    log: LogConfig = LogConfig()
 
     def __post_init__(self) -> None:
         if not self.mqtt.enabled and not self.http.enabled:
@@ -220,7 +225,7 @@ _NOT_SETTINGS = {"config", "worker_index", "worker_dir"}  # VITALGATE_CONFIG; se
 
 
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """``VITALGATE_MQTT_URL`` -> ``{"mqtt": {"url": ...}}``; ``VITALGATE_LOG_LEVEL`` -> top-level key."""
+    """``VITALGATE_MQTT_URL`` -> ``{"mqtt": {"url": ...}}``; ``VITALGATE_GATEWAY_ID`` -> top-level key."""
     out: dict[str, Any] = {}
     origin: dict[tuple[str, ...], str] = {}
     for var, value in environ.items():

@@ -169,7 +169,7 @@ def _name_dict_key(reason: str, payload: bytes, encoding: str) -> str:
 def _peek_device_id(payload: bytes, encoding: str) -> str | None:
     try:
         peek = (_PEEK_MSGPACK if encoding == "msgpack" else _PEEK_JSON).decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
         return None
     dev = peek.device_id
     if isinstance(dev, str) and _DEVICE_RE.match(dev):
@@ -217,7 +217,10 @@ def decode(
         raise RejectError(f"payload: {size} bytes exceeds the limit of {max_bytes} bytes", topic_device_id)
     if size == 0:
         raise RejectError("payload: empty", topic_device_id)
-    encoding = encoding_of(payload, content_type)
+    try:
+        encoding = encoding_of(payload, content_type)
+    except RejectError as exc:  # keep the device the topic names on the reject
+        raise RejectError(exc.reason, topic_device_id) from None
     try:
         env = (_MSGPACK if encoding == "msgpack" else _JSON).decode(payload)
     except msgspec.ValidationError as exc:

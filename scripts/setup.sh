@@ -16,7 +16,7 @@ PYTHON3="${PYTHON3:-python3}"
 EXTRAS="${EXTRAS:-dev}"
 VENV=.venv
 STAMP="$VENV/.vitalgate-${EXTRAS//,/-}.stamp"
-APT_PACKAGES=(postgresql-15 postgresql-client-15 mosquitto mosquitto-clients)
+APT_PACKAGES=(postgresql-15 postgresql-client-15 mosquitto mosquitto-clients prometheus)
 
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }

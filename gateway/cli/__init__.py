@@ -1,9 +1,10 @@
 """The ``vitalgate`` command line: the top-level parser, the event loop, the exit status.
 
 One module per command group registers its parser here: ``run``, ``db``, ``config``,
-``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``).
-A command's handler returns its exit status, or a coroutine that ``main`` runs to get it:
-this module is the only one that chooses the event loop (uvloop).
+``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``),
+``health``, ``associate`` and ``dissociate``. A command's handler returns its exit status,
+or a coroutine that ``main`` runs to get it: this module is the only one that chooses the
+event loop (uvloop).
 
 Exit status: 0 done; 1 refused by the registry's or the holds' state, or another retention
 run is under way, nothing changed (``Refused``); 2 invalid arguments, configuration, input
@@ -21,7 +22,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from gateway import __version__
-from gateway.cli import config, db, devices, keys, profiles, replay, run
+from gateway.cli import config, db, devices, health, keys, profiles, replay, run
 from gateway.cli import holds, retention
 from gateway.cli.common import ENV_HELP, CommandError, Refused
 from gateway.errors import ConfigError, GatewayError
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(sub)
     retention.add_parser(sub)
     holds.add_parser(sub)
+    health.add_parser(sub)
     from gateway.query.cli import add_parsers as add_association_parsers
 
     add_association_parsers(sub)

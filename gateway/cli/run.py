@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int | Coroutine[Any, Any, int]:
     cfg = load_config(args)
     if args.workers is not None:
         cfg = msgspec.structs.replace(cfg, workers=args.workers)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log.level, cfg.log.format, repeat_window_s=cfg.log.repeat_window_s)
     if cfg.workers > 1:
         from gateway.workers import for_worker, worker_index
 

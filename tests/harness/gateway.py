@@ -87,6 +87,8 @@ class GatewayProcess:
             "VITALGATE_METRICS_PORT": str(self.metrics_port),
             # simulated and test devices are not in the registry; identity tests and the demo turn this on
             "VITALGATE_AUTH_REQUIRE_REGISTRATION": "false",
+            # readers of the log (ready lines, assertions) take its key=value form; JSON is tested on its own
+            "VITALGATE_LOG_FORMAT": "text",
             **(env or {}),
         }
         self.args = list(args)
