@@ -22,6 +22,7 @@ __all__ = [
     "DatabaseConfig",
     "MqttConfig",
     "HttpConfig",
+    "SourceSection",
     "AuthConfig",
     "BatchConfig",
     "RetryConfig",
@@ -59,6 +60,12 @@ class _Section(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+class SourceSection(_Section):
+    """The config section of a source (``gateway.sources.SOURCES`` is keyed by its name)."""
+
+    enabled: bool = False
+
+
 class DatabaseConfig(_Section):
     url: str = "postgresql://postgres@127.0.0.1:5432/vitalgate"
     connect_timeout_s: PosFloat = 10.0
@@ -66,7 +73,7 @@ class DatabaseConfig(_Section):
     migrate: bool = True
 
 
-class MqttConfig(_Section):
+class MqttConfig(SourceSection):
     enabled: bool = True
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
@@ -89,8 +96,7 @@ class MqttConfig(_Section):
         return self.client_id or f"vitalgate-{gateway_id}"
 
 
-class HttpConfig(_Section):
-    enabled: bool = False
+class HttpConfig(SourceSection):
     host: str = "127.0.0.1"
     port: Port = 8443
     tls_cert: str | None = None  # PEM certificate chain of the server
@@ -192,8 +198,10 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     log: LogConfig = LogConfig()
 
     def __post_init__(self) -> None:
-        if not self.mqtt.enabled and not self.http.enabled:
-            raise ValueError("mqtt.enabled and http.enabled are both false: nothing to ingest")
+        sources = self.source_sections()
+        if not any(section.enabled for section in sources.values()):
+            names = " and ".join(f"{name}.enabled" for name in sources)
+            raise ValueError(f"{names} are all false: nothing to ingest")
         if (self.mqtt.tls_cert is None) != (self.mqtt.tls_key is None):
             raise ValueError("mqtt.tls_cert and mqtt.tls_key go together")
         if (self.http.tls_cert is None) != (self.http.tls_key is None):
@@ -202,6 +210,11 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             raise ValueError("http.enabled needs http.tls_cert and http.tls_key (or http.allow_plaintext = true)")
         if self.http.tls_client_ca is not None and self.http.tls_cert is None:
             raise ValueError("http.tls_client_ca (mutual TLS) needs http.tls_cert and http.tls_key")
+
+    def source_sections(self) -> dict[str, SourceSection]:
+        """Every source's section by name, in declaration order."""
+        return {name: value for name in self.__struct_fields__
+                if isinstance(value := getattr(self, name), SourceSection)}
 
     @property
     def max_pending_bytes(self) -> int:

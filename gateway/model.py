@@ -16,6 +16,7 @@ from msgspec import Meta, Struct
 
 __all__ = [
     "DEVICE_ID_PATTERN",
+    "SOURCE_NAME_PATTERN",
     "Flag",
     "FLAG_NAMES",
     "ARTIFACT_FLAGS",
@@ -93,7 +94,11 @@ class Envelope(Struct, frozen=True, gc=False):
     waveforms: list[Waveform] = []
 
 
-Source = Literal["mqtt", "https", "replay"]
+# The transport a payload came by: a name in ``gateway.sources.SOURCES`` ("mqtt"; "https" for
+# the ``http`` section), or "replay". Stored in ``ingests.source``, which checks its form only,
+# so that adding a source needs no migration.
+Source = str
+SOURCE_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 LOCAL = {"local": True}  # dataclass field metadata: a field that stays in the process (see ``RawMessage``)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from gateway.model import SOURCE_NAME_PATTERN
+
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
 _LOCK_KEY = 0x76697461  # "vita"
@@ -307,6 +309,15 @@ $fn$;
 REVOKE ALL ON FUNCTION audit_log_prune(timestamptz, double precision, integer, text) FROM PUBLIC;
 
 GRANT SELECT ON legal_holds, readings_held, waveform_blocks_held, readings_all, waveform_blocks_all TO vitalgate_gateway;
+""",
+    ),
+    # ---- migration 5: any source's name in ingests.source
+    (
+        5,
+        "ingests.source checks the form of a transport name, not a fixed list",
+        f"""
+ALTER TABLE ingests DROP CONSTRAINT IF EXISTS ingests_source_check;
+ALTER TABLE ingests ADD CONSTRAINT ingests_source_name CHECK (source ~ '{SOURCE_NAME_PATTERN}');
 """,
     ),
 )

@@ -43,3 +43,25 @@ def test_db_migrate_names_the_database_it_cannot_reach(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("vitalgate db migrate: cannot connect to postgresql://postgres:***@127.0.0.1:")
     assert "secret" not in err
+
+
+def test_ingests_take_any_source_name_of_the_right_form(db_dsn, monkeypatch):
+    """Adding a source needs no migration: ingests.source checks the name's form, not a list."""
+    monkeypatch.setenv("VITALGATE_DATABASE_URL", db_dsn)
+    assert main(["db", "migrate"]) == 0
+    insert = ("INSERT INTO ingests (received_at, device_id, source, gateway_id, topic_or_path, payload_sha256, payload_bytes,"
+              " encoding, profile, profile_version, n_readings, n_flagged)"
+              " VALUES (now(), 'po-1', $1, 'gw', 't', sha256(convert_to($1, 'UTF8')), 1, 'json', 'p', '1', 0, 0)")
+
+    async def attempt(source: str) -> str:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            await conn.execute(insert, source)
+            return "stored"
+        except asyncpg.CheckViolationError:
+            return "refused"
+        finally:
+            await conn.close()
+
+    assert [asyncio.run(attempt(s)) for s in ("mqtt", "nats", "udp_v2")] == ["stored"] * 3
+    assert [asyncio.run(attempt(s)) for s in ("", "NATS", "x y", "a" * 33)] == ["refused"] * 4

@@ -37,6 +37,20 @@ async def test_every_source_is_a_config_section_and_builds_a_source():
             assert callable(getattr(source, method)), f"{name}: no {method}()"
 
 
+async def test_the_table_and_the_config_sections_name_the_same_sources():
+    """A source section with no entry in SOURCES (or the reverse) would be silently ignored."""
+    assert list(GatewayConfig().source_sections()) == list(SOURCES)
+
+
+async def test_all_sources_off_is_refused_naming_each():
+    import msgspec
+
+    from gateway.config import HttpConfig, MqttConfig
+
+    with pytest.raises(ValueError, match="mqtt.enabled and http.enabled are all false"):
+        GatewayConfig(mqtt=msgspec.structs.replace(MqttConfig(), enabled=False), http=HttpConfig(enabled=False))
+
+
 async def test_mqtt_takes_its_client_id_and_shared_subscription_from_the_context():
     cfg = GatewayConfig()
     one = SOURCES["mqtt"].build(cfg.mqtt, context(None))
