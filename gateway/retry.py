@@ -10,11 +10,14 @@ import asyncpg
 __all__ = ["Backoff", "DATABASE_ERRORS", "WRONG_SERVER_CODES", "is_retriable"]
 
 # What a database call may raise; ``is_retriable`` tells which of them are worth a retry.
-# TargetServerAttributeNotMatched: every host of a multi-host URL answered, none of them
-# read-write (a failover under way); asyncpg derives it from neither of the others.
+# asyncpg derives InternalClientError from neither of the others; it raises it when every
+# host of a multi-host URL answered and none is read-write (TargetServerAttributeNotMatched,
+# a failover under way), and when a connection killed in the middle of a COPY is then
+# asked to roll back ("cannot switch to state 12; another operation (2) is in progress",
+# seen when the primary was killed under load).
 DATABASE_ERRORS = (
     OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError,
-    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -66,9 +69,8 @@ def is_retriable(exc: BaseException) -> bool:
         return False  # asyncpg could not encode an argument: the same data fails again
     if isinstance(exc, (OSError, TimeoutError, ConnectionError, asyncpg.exceptions.InterfaceError)):
         return True
-    if isinstance(exc, (asyncpg.exceptions.ConnectionDoesNotExistError,
-                        asyncpg.exceptions.TargetServerAttributeNotMatched)):
-        return True
+    if isinstance(exc, (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InternalClientError)):
+        return True  # the connection is unusable, not the data: a new one may take the same write
     if isinstance(exc, asyncpg.PostgresError):
         code = getattr(exc, "sqlstate", None) or ""
         return code[:2] in _RETRIABLE_CLASSES or code in _RETRIABLE_CODES

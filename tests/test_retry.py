@@ -93,5 +93,7 @@ def test_transport_failures_are_retriable_and_encoding_failures_are_not():
     assert is_retriable(asyncpg.exceptions.ConnectionDoesNotExistError("gone"))
     # every host of a multi-host URL answered, none read-write: a failover under way
     assert is_retriable(asyncpg.exceptions.TargetServerAttributeNotMatched("no read-write host"))
+    # a connection killed during a COPY, then asked to roll back
+    assert is_retriable(asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"))
     assert not is_retriable(asyncpg.exceptions.DataError("invalid input for query argument $1"))
     assert not is_retriable(ValueError("not a database failure"))

@@ -27,7 +27,9 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,8 +62,11 @@ def _counter(pattern: re.Pattern[str], text: str) -> float:
 
 
 def test_primary_killed_under_load_standby_promoted_nothing_lost_nothing_duplicated(tmp_path: Path, broker):
-    primary = PostgresCluster(tmp_path / "pg1")
-    standby = StandbyCluster(tmp_path / "pg2", primary, name="standby1")
+    # Not under tmp_path: a pytest session starting meanwhile makes /tmp/pytest-of-<user>
+    # 0700 again, and the postgres user could no longer reach the data for pg_ctl promote.
+    pg_dir = Path(tempfile.mkdtemp(prefix="vitalgate-failover-"))
+    primary = PostgresCluster(pg_dir / "pg1")
+    standby = StandbyCluster(pg_dir / "pg2", primary, name="standby1")
     stopped: list[int] = []
     gw = None
     try:
@@ -177,3 +182,5 @@ def test_primary_killed_under_load_standby_promoted_nothing_lost_nothing_duplica
             gw.stop()
         standby.cleanup()
         primary.cleanup()
+        if not os.environ.get("VITALGATE_KEEP_SERVICES"):
+            shutil.rmtree(pg_dir, ignore_errors=True)
