@@ -20,7 +20,8 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
 from gateway.registry import Registry
-from gateway.retry import Backoff
+from gateway.retry import DATABASE_ERRORS, Backoff
+from gateway.sinks import replication
 from gateway.sinks.alerts import AlertPublication
 from gateway.sinks.timescale import TimescaleSink
 from gateway.sources import SOURCES, Source, SourceContext
@@ -83,6 +84,7 @@ class Gateway:
                     await asyncio.wait_for(self.should_exit.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
+        await self._check_replication()
         enabled = [(name, kind, getattr(cfg, name)) for name, kind in SOURCES.items() if getattr(cfg, name).enabled]
         if cfg.auth.require_registration or any(kind.needs_registry for _, kind, _ in enabled):
             self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
@@ -128,6 +130,20 @@ class Gateway:
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("Metrics served.", extra={"address": f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"})
+
+    async def _check_replication(self) -> None:
+        """Log which server the sink reached and what its commits wait for; refuse to start
+        when ``database.require_sync_standby`` is on and they would not wait for a standby."""
+        db = self.config.database
+        try:
+            state = await replication.inspect(db.url, timeout_s=db.connect_timeout_s)
+        except DATABASE_ERRORS as exc:
+            if db.require_sync_standby:
+                raise SinkError(f"cannot read the replication settings: {exc}", retriable=False) from exc
+            log.warning("Replication state unknown.", extra={"error": str(exc) or type(exc).__name__})
+            return
+        log.info("Database replication state.", extra=state.log_fields())
+        replication.check(state, require_sync_standby=db.require_sync_standby)
 
     async def run(self) -> int:
         """Run until ``should_exit``; return the process exit code."""

@@ -71,6 +71,7 @@ class DatabaseConfig(_Section):
     connect_timeout_s: PosFloat = 10.0
     command_timeout_s: PosFloat = 60.0
     migrate: bool = True
+    require_sync_standby: bool = False  # see gateway.sinks.replication
 
 
 class MqttConfig(SourceSection):

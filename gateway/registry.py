@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 import asyncpg
 
 from gateway.errors import RegistryError
-from gateway.retry import Backoff
+from gateway.retry import DATABASE_ERRORS, Backoff
 
 __all__ = [
     "Device",
@@ -225,7 +225,7 @@ class Registry:
         try:
             await self._connect()
             await self._reload("start")
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             await self._drop_connection()
             hint = "; run `vitalgate db migrate`" if isinstance(exc, asyncpg.UndefinedTableError) else ""
             raise RegistryError(f"device registry: cannot load it: {exc}{hint}") from exc
@@ -245,7 +245,7 @@ class Registry:
             raise RegistryError("device registry: not connected")
         try:
             await self._reload("request")
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             raise RegistryError(f"device registry: cannot reload it: {exc}") from exc
 
     async def _connect(self) -> None:
@@ -264,7 +264,7 @@ class Registry:
             return
         try:
             await asyncio.wait_for(conn.close(), 5.0)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             conn.terminate()
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
@@ -302,7 +302,7 @@ class Registry:
                 await self._wait_for_change()
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 await self._drop_connection()
                 delay = backoff.next_delay()
                 log.warning(

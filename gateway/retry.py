@@ -7,10 +7,18 @@ import random
 
 import asyncpg
 
-__all__ = ["Backoff", "DATABASE_ERRORS", "is_retriable"]
+__all__ = ["Backoff", "DATABASE_ERRORS", "WRONG_SERVER_CODES", "is_retriable"]
 
 # What a database call may raise; ``is_retriable`` tells which of them are worth a retry.
-DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+# asyncpg derives InternalClientError from neither of the others; it raises it when every
+# host of a multi-host URL answered and none is read-write (TargetServerAttributeNotMatched,
+# a failover under way), and when a connection killed in the middle of a COPY is then
+# asked to roll back ("cannot switch to state 12; another operation (2) is in progress",
+# seen when the primary was killed under load).
+DATABASE_ERRORS = (
+    OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError,
+    asyncpg.exceptions.InternalClientError,
+)
 
 
 class Backoff:
@@ -44,9 +52,15 @@ class Backoff:
 # SQLSTATE classes worth retrying: 08 connection exception, 53 insufficient resources,
 # 57 operator intervention (admin shutdown, crash shutdown, cannot connect now, and 57014
 # query canceled, which is our own command timeout), 58 system error (I/O error); plus the
-# codes 40001 serialization failure, 40P01 deadlock and 55P03 lock not available.
+# codes 40001 serialization failure, 40P01 deadlock, 55P03 lock not available, and
+# 25006 read-only transaction: the connection reached a server that is (still or again)
+# a standby or was set read-only; once the sink has dropped that connection, the next
+# one goes to whichever host is read-write now (a multi-host URL with
+# target_session_attrs=read-write), so it is a failover in progress, not a fault of data.
 _RETRIABLE_CLASSES = {"08", "53", "57", "58"}
-_RETRIABLE_CODES = {"40001", "40P01", "55P03"}
+_RETRIABLE_CODES = {"40001", "40P01", "55P03", "25006"}
+# Codes after which the connection that raised them must not be reused.
+WRONG_SERVER_CODES = frozenset({"25006"})
 
 
 def is_retriable(exc: BaseException) -> bool:
@@ -55,8 +69,8 @@ def is_retriable(exc: BaseException) -> bool:
         return False  # asyncpg could not encode an argument: the same data fails again
     if isinstance(exc, (OSError, TimeoutError, ConnectionError, asyncpg.exceptions.InterfaceError)):
         return True
-    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
-        return True
+    if isinstance(exc, (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InternalClientError)):
+        return True  # the connection is unusable, not the data: a new one may take the same write
     if isinstance(exc, asyncpg.PostgresError):
         code = getattr(exc, "sqlstate", None) or ""
         return code[:2] in _RETRIABLE_CLASSES or code in _RETRIABLE_CODES

@@ -80,7 +80,7 @@ def _pg(sqlstate: str) -> asyncpg.PostgresError:
         ("23505", False),  # unique violation: the same rows fail again
         ("22P02", False),  # invalid text representation
         ("42501", False),  # insufficient privilege
-        ("25006", False),  # read-only transaction
+        ("25006", True),  # read-only transaction: a standby, or a primary being demoted (failover)
     ],
 )
 def test_sqlstate_classes(sqlstate: str, retriable: bool):
@@ -91,5 +91,9 @@ def test_transport_failures_are_retriable_and_encoding_failures_are_not():
     assert is_retriable(ConnectionResetError())
     assert is_retriable(TimeoutError())
     assert is_retriable(asyncpg.exceptions.ConnectionDoesNotExistError("gone"))
+    # every host of a multi-host URL answered, none read-write: a failover under way
+    assert is_retriable(asyncpg.exceptions.TargetServerAttributeNotMatched("no read-write host"))
+    # a connection killed during a COPY, then asked to roll back
+    assert is_retriable(asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"))
     assert not is_retriable(asyncpg.exceptions.DataError("invalid input for query argument $1"))
     assert not is_retriable(ValueError("not a database failure"))

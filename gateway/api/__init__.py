@@ -98,7 +98,8 @@ async def db(call: Awaitable[T]) -> T:
             raise  # a fault of this code, not of the database: 500, logged with the correlation id
         raise ApiError(503, f"database: unavailable for reads ({type(exc).__name__}); retry later",
                        headers={"Retry-After": "1"}) from None
-    except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as exc:
+    except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
+            asyncpg.exceptions.TargetServerAttributeNotMatched) as exc:  # no read-write host during a failover
         raise ApiError(503, f"database: unavailable for reads ({type(exc).__name__}); retry later",
                        headers={"Retry-After": "1"}) from None
 

@@ -98,8 +98,10 @@ async def connect(cfg: GatewayConfig) -> AsyncIterator[asyncpg.Connection]:
     where = mask_password(cfg.database.url)
     try:
         conn = await asyncpg.connect(cfg.database.url, timeout=cfg.database.connect_timeout_s)
-    except (OSError, ValueError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # ValueError: asyncpg's ClientConfigurationError (a malformed URL) is one
+    except (OSError, ValueError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+            asyncpg.exceptions.TargetServerAttributeNotMatched) as exc:
+        # ValueError: asyncpg's ClientConfigurationError (a malformed URL) is one;
+        # TargetServerAttributeNotMatched: no host of a multi-host URL is read-write (yet)
         raise Invalid(f"cannot connect to {where}: {_one_line(exc)}") from None
     try:
         yield conn

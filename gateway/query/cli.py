@@ -90,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     except asyncpg.UndefinedTableError as exc:
         print(f"{prog}: {exc}: run `vitalgate db migrate` first", file=sys.stderr)
         return 2
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+            asyncpg.exceptions.TargetServerAttributeNotMatched) as exc:
         print(f"{prog}: database: {exc or type(exc).__name__}", file=sys.stderr)
         return 2
     sys.stdout.write(orjson.dumps(a.to_dict()).decode() + "\n")

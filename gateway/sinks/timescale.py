@@ -22,7 +22,7 @@ import asyncpg
 import numpy as np
 
 from gateway.errors import SinkError
-from gateway.retry import DATABASE_ERRORS, is_retriable
+from gateway.retry import DATABASE_ERRORS, WRONG_SERVER_CODES, is_retriable
 from gateway.sinks import History, WriteBatch
 from gateway.sinks import copybin
 from gateway.sinks import timescale_reads as reads
@@ -147,6 +147,8 @@ class TimescaleSink:
                     await write_alerts(conn, batch.alerts, alert_ids)
                 await write_audit(conn, batch.audit)
         except DATABASE_ERRORS as exc:
+            if getattr(exc, "sqlstate", None) in WRONG_SERVER_CODES:
+                await pool.expire_connections()  # reconnect: the URL's read-write host takes the retry
             raise SinkError(
                 f"write failed: {exc}", retriable=is_retriable(exc), sqlstate=getattr(exc, "sqlstate", None)
             ) from exc

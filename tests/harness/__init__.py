@@ -7,6 +7,8 @@ both directions. It lives under ``tests/`` because the tests are its first user 
 ships with them; it imports nothing of ``gateway/`` (the gateway runs as a subprocess).
 
 Modules:
+    replication: ``StandbyCluster``, a streaming (optionally synchronous) standby of a
+        ``PostgresCluster`` made by ``pg_basebackup -R``, with ``promote()``.
     services: throwaway PostgreSQL+TimescaleDB (run as the postgres user) and mosquitto,
         each on a free port in a directory of its own; ``free_port``.
     gateway: ``GatewayProcess`` (``python -m gateway run`` with a config by environment,
@@ -21,12 +23,13 @@ from .sampler import (
     children, cpu_seconds, descendants, machine_busy_seconds, metric_sum, parent, pid_alive, rss_bytes, rss_mib,
     scrape_metrics, tree_cpu_seconds,
 )
+from .replication import StandbyCluster
 from .services import Mosquitto, MqttTls, PostgresCluster, ServiceError, device_acl, free_port, write_password_file
 from .waits import await_for, wait_for
 
 __all__ = [
     "PROFILES", "REPO", "CliError", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "PostgresCluster",
-    "ServiceError", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
+    "ServiceError", "StandbyCluster", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
     "machine_busy_seconds", "metric_sum", "parent", "pid_alive", "rss_bytes", "rss_mib", "scrape_metrics",
     "tree_cpu_seconds", "vitalgate", "wait_for", "write_password_file",
 ]

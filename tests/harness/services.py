@@ -308,6 +308,9 @@ class PostgresCluster:
             quoted.
     """
 
+    # postmaster.pid status lines that mean "accepting connections"; a hot standby says "standby"
+    _READY_STATES: tuple[str, ...] = ("ready",)
+
     def __init__(self, base_dir: Path, *, settings: Mapping[str, str | int | float | bool] | None = None) -> None:
         self.base_dir = Path(base_dir).absolute()
         self.data_dir = self.base_dir / "data"
@@ -366,7 +369,8 @@ class PostgresCluster:
                     f"PostgreSQL exited during startup.\n{_tail(self.base_dir / 'pg_ctl.out')}\n{self.log_tail()}"
                 )
             pid = self._postmaster_pid()
-            return pid is not None and pid_alive(pid) and self._pm_status() == "ready" and _port_accepts(self.port)
+            return (pid is not None and pid_alive(pid) and self._pm_status() in self._READY_STATES
+                    and _port_accepts(self.port))
 
         try:
             wait_for(ready, timeout, 0.05, lambda: f"PostgreSQL ready on port {self._port}\n{self.log_tail()}")
@@ -496,10 +500,7 @@ class PostgresCluster:
             _make_traversable(self.base_dir)
             os.chown(self.base_dir, owner.pw_uid, owner.pw_gid)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run_as_postgres(
-                str(PG_BINDIR / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
-            )  # fmt: skip
+            self._init_data_dir()
         if not self.socket_dir.exists():
             self.socket_dir.mkdir()
             if owner is not None:
@@ -507,6 +508,13 @@ class PostgresCluster:
         if self._port is None:
             self._port = free_port()
         self._write_config()
+
+    def _init_data_dir(self) -> None:
+        """Create PGDATA (``initdb``); a standby copies its primary's instead (``tests/harness/replication.py``)."""
+        self._run_as_postgres(
+            str(PG_BINDIR / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
+            "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
+        )  # fmt: skip
 
     def _write_config(self) -> None:
         settings: dict[str, str | int | float | bool] = {
@@ -550,6 +558,7 @@ class PostgresCluster:
             "local all all trust\n"
             "host all all 127.0.0.1/32 trust\n"
             "host all all ::1/128 trust\n"
+            "host replication all 127.0.0.1/32 trust\n"  # a standby streams from 127.0.0.1
         )
 
     def _pidfile_lines(self) -> list[str]:
