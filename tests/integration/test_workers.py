@@ -2,9 +2,10 @@
 
 The broker spreads the shared subscription's messages over both workers round-robin, so
 about half of every device's envelopes arrive at the worker that does not own it and
-are forwarded. Each device's envelopes are paced (``PACE_S`` apart) so that its order on
-the wire is unambiguous; the checks and alert rules then see, per device, exactly what
-``vitalgate replay`` sees.
+are forwarded. A device's next envelope is published only once its previous one is
+committed, so its order is unambiguous however loaded the machine is (a forwarded envelope
+and its successor taken directly could otherwise race); the checks and alert rules then
+see, per device, exactly what ``vitalgate replay`` sees.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from tests.integration.test_live_vs_replay import RECORDINGS, episodes_from_repl
 pytestmark = pytest.mark.integration
 
 WORKERS = 2
-PACE_S = 0.04
 
 
 def start_workers(gateway_factory, dsn: str, env: dict[str, str] | None = None):  # noqa: ANN001, ANN201
@@ -85,11 +85,14 @@ def test_two_workers_keep_each_device_on_its_owner_and_agree_with_replay(db_dsn,
 
     gw = start_workers(gateway_factory, db_dsn)
     pub = Publisher(broker.port)
-    for k in range(rounds):  # round k: envelope k of every device, then a pause
+    published = 0
+    for k in range(rounds):  # round k: envelope k of every device, once round k-1 is committed
         for dev, lines in per_device.items():
             if k < len(lines):
                 pub.publish(f"devices/{dev}/telemetry", lines[k])
-        time.sleep(PACE_S)  # pacing of each device's envelopes on the wire, not a wait for a condition
+                published += 1
+        wait_for(lambda: count(db_dsn, "SELECT count(*) FROM ingests") >= published, timeout=60,
+                 message=lambda: f"round {k}: fewer than {published} ingests committed\n{gw.log_tail()}")
     pub.wait_acked()
     pub.close()
     wait_ingests(db_dsn, len(ordered), timeout=60, gw=gw)
