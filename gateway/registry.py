@@ -264,7 +264,8 @@ class Registry:
             return
         try:
             await asyncio.wait_for(conn.close(), 5.0)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError):
             conn.terminate()
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
@@ -302,7 +303,8 @@ class Registry:
                 await self._wait_for_change()
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError) as exc:  # the last: a FATAL read before the end of the stream
                 await self._drop_connection()
                 delay = backoff.next_delay()
                 log.warning(

@@ -10,7 +10,12 @@ import asyncpg
 __all__ = ["Backoff", "DATABASE_ERRORS", "is_retriable"]
 
 # What a database call may raise; ``is_retriable`` tells which of them are worth a retry.
-DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+# ``InternalClientError`` is asyncpg's own protocol state machine refusing an operation:
+# seen when the server's FATAL "terminating connection" reached an idle pooled connection
+# before its end-of-stream did, so the pool handed out a connection already gone. It says
+# nothing about the data: retried on another connection like any lost connection.
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                   asyncio.TimeoutError)
 
 
 class Backoff:
@@ -53,7 +58,8 @@ def is_retriable(exc: BaseException) -> bool:
     """Whether the same database write may succeed later."""
     if isinstance(exc, asyncpg.exceptions.InterfaceError) and isinstance(exc, ValueError):
         return False  # asyncpg could not encode an argument: the same data fails again
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError, asyncpg.exceptions.InterfaceError)):
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError, asyncpg.exceptions.InterfaceError,
+                        asyncpg.exceptions.InternalClientError)):
         return True
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return True
