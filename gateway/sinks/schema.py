@@ -309,6 +309,20 @@ REVOKE ALL ON FUNCTION audit_log_prune(timestamptz, double precision, integer, t
 GRANT SELECT ON legal_holds, readings_held, waveform_blocks_held, readings_all, waveform_blocks_all TO vitalgate_gateway;
 """,
     ),
+    (
+        5,
+        "rejected: one row per refused payload and origin (a redelivery adds none)",
+        """
+-- A redelivered refused payload (MQTT redelivery, an HTTP retry) is the same refusal: keep
+-- the first row of each (payload, source, topic or path, principal), then let the unique
+-- index make the quarantine INSERT skip repeats (ON CONFLICT DO NOTHING).
+DELETE FROM rejected r USING rejected first
+ WHERE r.payload_sha256 = first.payload_sha256 AND r.source = first.source
+   AND r.topic_or_path = first.topic_or_path AND coalesce(r.principal, '') = coalesce(first.principal, '')
+   AND r.id > first.id;
+CREATE UNIQUE INDEX rejected_once_idx ON rejected (payload_sha256, source, topic_or_path, (coalesce(principal, '')));
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
