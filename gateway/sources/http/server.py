@@ -238,6 +238,8 @@ class HttpSource:
     def stop_intake(self) -> None:
         """New requests get 503; the listening sockets close; requests already taken wait for their commit."""
         self.ctx.accepting = False
+        if self.ctx.throttle is not None:
+            self.ctx.throttle.flush()  # the pipeline still takes audit events while it drains
         if self._site is not None and self._unlisten is None:
             self._unlisten = asyncio.get_running_loop().create_task(self._site.stop(), name="http-unlisten")
 
