@@ -16,7 +16,8 @@ import signal
 from gateway.api import ReadSide  # importing registers the read operations of the HTTPS source
 from gateway.config import GatewayConfig, pending_budget
 from gateway.errors import SinkError
-from gateway.metrics import Metrics
+from gateway.health import Health
+from gateway.metrics import Metrics, MetricsServer
 from gateway.pipeline import Pipeline, PipelineSettings
 from gateway.profiles import load_profiles
 from gateway.registry import Registry
@@ -48,6 +49,8 @@ class Gateway:
         self.intake: Pipeline | Router | None = None  # what the sources hand payloads to
         self.drained = True
         self.read: ReadSide | None = None  # the query API and live stream, served with HTTPS
+        self.health: Health | None = None  # /healthz and /readyz, on the metrics port
+        self.metrics_server: MetricsServer | None = None
 
     def handle_exit(self, sig: int) -> None:
         """Signal handler: first signal asks for a graceful stop, the second forces it."""
@@ -60,6 +63,12 @@ class Gateway:
 
     async def startup(self) -> None:
         cfg = self.config
+        # Probes are answered from the start: alive while the database is awaited, not ready until all is up.
+        self.health = health = Health(cfg.health, asyncio.get_running_loop())
+        facts = health.facts
+        if cfg.metrics_port:
+            self.metrics_server = self.metrics.serve(cfg.metrics_host, cfg.metrics_port, health.routes())
+            log.info("Metrics served.", extra={"address": f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"})
         profiles = load_profiles(cfg.profiles.dir)
         log.info("Profiles loaded.", extra={"dir": cfg.profiles.dir, "profiles": ",".join(sorted(profiles))})
         self.sink = TimescaleSink(
@@ -74,6 +83,7 @@ class Gateway:
         while True:
             try:
                 await self.sink.start()
+                facts.database = self.sink
                 break
             except SinkError as exc:
                 if not exc.retriable or self.should_exit.is_set():
@@ -87,9 +97,11 @@ class Gateway:
         await self._check_replication()
         enabled = [(name, kind, getattr(cfg, name)) for name, kind in SOURCES.items() if getattr(cfg, name).enabled]
         if cfg.auth.require_registration or any(kind.needs_registry for _, kind, _ in enabled):
+            facts.registry_required = True
             self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
                                      retry_initial_s=cfg.retry.initial_s, retry_max_s=cfg.retry.max_s)
             await self.registry.start(cfg.database.url)
+            facts.registry = self.registry
         # one object is both the write side and the state the checks read back
         self.pipeline = Pipeline(profiles=profiles, sink=self.sink, store=self.sink, metrics=self.metrics,
                                  registry=self.registry, settings=PipelineSettings.from_config(cfg))
@@ -104,6 +116,7 @@ class Gateway:
             intake = self.router
             held_fraction = self.router.held_fraction
         self.intake = intake
+        facts.writer, facts.intake, facts.max_pending_bytes = pipeline, intake, pipeline.settings.max_pending_bytes
         self.metrics.pending_bytes.set_function(lambda: intake.pending_bytes)
         context = SourceContext(intake=intake, metrics=self.metrics, registry=self.registry, gateway_id=cfg.gateway_id,
                                 workers=cfg.workers, held_fraction=held_fraction,
@@ -121,15 +134,13 @@ class Gateway:
             http.ctx.read = self.read  # type: ignore[attr-defined]
         for source in self.sources.values():
             await source.start()  # a taken port or a bad certificate stops start-up here
+        facts.sources = self.sources
         # Long-lived start-up objects (profiles, modules) leave the collector's view, and the
         # young generation is collected less often: batches hold thousands of short-lived,
         # acyclic objects until their commit, which otherwise triggers needless full scans.
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
-        if cfg.metrics_port:
-            self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
-            log.info("Metrics served.", extra={"address": f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"})
 
     async def _check_replication(self) -> None:
         """Log which server the sink reached and what its commits wait for; refuse to start
@@ -168,6 +179,8 @@ class Gateway:
     ) -> int:
         assert self.pipeline is not None and self.sink is not None
         stop.cancel()
+        if self.health is not None:
+            self.health.facts.stopping = True
         for source in self.sources.values():
             source.stop_intake()  # e.g. HTTPS answers 503 to new requests; those taken wait for their commit
         if self.router is not None:
@@ -213,6 +226,8 @@ class Gateway:
         if self.registry is not None:
             await self.registry.close()
         await self.sink.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         ok = self.drained and not error
         log.info("Stopped.", extra={"drained": self.drained, "batches": self.pipeline.committed_batches})
         return 0 if ok else 1

@@ -30,6 +30,7 @@ __all__ = [
     "ProfilesConfig",
     "RetentionConfig",
     "LogConfig",
+    "HealthConfig",
     "GatewayConfig",
     "load",
     "pending_budget",
@@ -169,6 +170,15 @@ class RetentionConfig(_Section):
                                      "the audit log is kept longest")
 
 
+class HealthConfig(_Section):
+    """``/healthz`` and ``/readyz`` on the metrics port (``gateway.health``)."""
+
+    max_loop_lag_s: PosFloat = 1.0  # /healthz fails when the event loop takes longer to run a callback
+    database_timeout_s: PosFloat = 2.0  # deadline of the readiness SELECT 1 (pool connection included)
+    database_cache_s: Annotated[float, Meta(ge=0)] = 1.0  # a SELECT 1 result answers probes this long
+    max_paused_s: PosFloat = 60.0  # /readyz fails when intake has been paused longer than this
+
+
 def _shorter(days: float, other: float) -> bool:
     """``days`` keeps data for less time than ``other`` (0 means forever)."""
     return days != 0 and (other == 0 or days < other)
@@ -197,6 +207,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     profiles: ProfilesConfig = ProfilesConfig()
     retention: RetentionConfig = RetentionConfig()
     log: LogConfig = LogConfig()
+    health: HealthConfig = HealthConfig()
 
     def __post_init__(self) -> None:
         sources = self.source_sections()

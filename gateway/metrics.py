@@ -1,14 +1,29 @@
-"""Every Prometheus metric the gateway exports, declared in one place.
+"""Every Prometheus metric the gateway exports, declared in one place, and the port serving them.
 
 Names carry the ``gateway_`` prefix; counters end in ``_total``; labels come from a
 closed set (``source``, ``outcome``, ``reason``, ``flag``, ``event``, ``priority``, ``action``).
+
+The metrics port also answers the health probes (``gateway.health`` gives their routes).
+It is served by threads, not by the event loop, as prometheus_client's own server is: a
+scrape or a probe then answers while the loop is busy or stuck, which is when an operator
+needs them most, and ``/healthz`` can report the loop's lag instead of timing out.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+__all__ = ["Metrics", "MetricsServer", "Route"]
+
+Route = Callable[[], "tuple[int, bytes]"]  # a GET answered with (HTTP status, JSON body)
+_REASONS = {200: "200 OK", 404: "404 Not Found", 503: "503 Service Unavailable"}
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -76,6 +91,46 @@ class Metrics:
             registry=r,
         )
 
-    def serve(self, host: str, port: int) -> None:
-        """Expose the metrics over HTTP (``/metrics``) in a background thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, routes: Mapping[str, Route] | None = None) -> MetricsServer:
+        """Serve ``/metrics`` and ``routes`` (path -> handler) over HTTP from background threads."""
+        return MetricsServer(host, port, make_wsgi_app(self.registry), routes or {})
+
+
+class _Threads(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a probe stuck on a stuck loop must not hold the process at exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # one line per scrape or probe is noise
+
+
+class MetricsServer:
+    """The metrics port: ``/metrics`` (any other path not in ``routes`` too, as before) and the routes."""
+
+    def __init__(self, host: str, port: int, metrics_app: Callable[..., Iterable[bytes]],
+                 routes: Mapping[str, Route]) -> None:
+        self._metrics_app = metrics_app
+        self._routes = dict(routes)
+        server_class = type("_Server", (_Threads,), {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self._server = make_server(host, port, self._app, server_class=server_class, handler_class=_Quiet)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True)
+        self._thread.start()
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        route = self._routes.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            return self._metrics_app(environ, start_response)
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", "0")])
+            return [b""]
+        status, body = route()
+        start_response(_REASONS.get(status, f"{status} Status"),
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                        ("Cache-Control", "no-store")])
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

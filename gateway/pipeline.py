@@ -25,7 +25,7 @@ from gateway.acks import Acknowledger, AlertPublisher, CommitListener
 from gateway.batching import Batch, Batcher
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.decode import Decoded, decode
-from gateway.errors import IdentityError, RejectError
+from gateway.errors import IdentityError, RejectError, SinkError
 from gateway.evaluate import Evaluator, Key, key_of
 from gateway.identity import Identity, denied_event
 from gateway.metrics import Metrics
@@ -102,6 +102,12 @@ class Pipeline:
     def backed_up(self) -> bool:
         """More payload bytes are held than ``max_pending_bytes``: sources should pause intake."""
         return self._batcher.pending_bytes >= self.settings.max_pending_bytes
+
+    @property
+    def write_error(self) -> tuple[SinkError, float] | None:
+        """The latest failed commit while no commit has succeeded since, and how long
+        commits have been failing (seconds); None while the database takes them."""
+        return self._policy.failing()
 
     @property
     def committed_batches(self) -> int:

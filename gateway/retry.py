@@ -10,11 +10,13 @@ import asyncpg
 __all__ = ["Backoff", "DATABASE_ERRORS", "WRONG_SERVER_CODES", "is_retriable"]
 
 # What a database call may raise; ``is_retriable`` tells which of them are worth a retry.
-# asyncpg derives InternalClientError from neither of the others; it raises it when every
-# host of a multi-host URL answered and none is read-write (TargetServerAttributeNotMatched,
-# a failover under way), and when a connection killed in the middle of a COPY is then
-# asked to roll back ("cannot switch to state 12; another operation (2) is in progress",
-# seen when the primary was killed under load).
+# asyncpg derives InternalClientError from neither of the others. It says nothing about the
+# data: the connection is unusable. Seen when every host of a multi-host URL answered and none
+# is read-write (TargetServerAttributeNotMatched, a failover under way); when a connection
+# killed in the middle of a COPY is asked to roll back; and when the server's FATAL
+# "terminating connection" reached an idle pooled connection before its end-of-stream did, so
+# the pool lent out a connection already gone ("cannot switch to state 12; another operation
+# (2) is in progress").
 DATABASE_ERRORS = (
     OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError,
     asyncpg.exceptions.InternalClientError,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -37,6 +38,10 @@ class WritePolicy:
         self.metrics = metrics
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        # the latest failed commit, until a commit succeeds (``/readyz`` names it: e.g. SQLSTATE
+        # 53100, disk full), and when the current run of failures began (monotonic seconds)
+        self.write_error: SinkError | None = None
+        self.failing_since = 0.0
 
     async def retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()`` until it does not raise a retriable ``SinkError``."""
@@ -56,10 +61,26 @@ class WritePolicy:
                     )
                 await asyncio.sleep(delay)
 
+    def failing(self) -> tuple[SinkError, float] | None:
+        """The latest failed commit and how long commits have failed (s); None once one succeeds."""
+        return None if self.write_error is None else (self.write_error, time.monotonic() - self.failing_since)
+
+    async def _commit(self, wb: WriteBatch) -> list[int | None]:
+        """One ``sink.write``, remembering whether the database currently takes commits."""
+        try:
+            ids = await self.sink.write(wb)
+        except SinkError as exc:
+            if self.write_error is None:
+                self.failing_since = time.monotonic()
+            self.write_error = exc
+            raise
+        self.write_error = None
+        return ids
+
     async def write(self, wb: WriteBatch) -> list[int | None]:
         """Commit ``wb``; return the ingest id per envelope. Refused envelopes end in ``wb.rejected``."""
         try:
-            return await self.retry("write", lambda: self.sink.write(wb))
+            return await self.retry("write", lambda: self._commit(wb))
         except SinkError as exc:
             if exc.data_error and len(wb.items) + len(wb.rejected) + len(wb.audit) > 0:
                 return await self._split(wb, exc)
@@ -74,7 +95,7 @@ class WritePolicy:
             )
             await asyncio.sleep(backoff.next_delay())
             try:
-                return await self.retry("write", lambda: self.sink.write(wb))
+                return await self.retry("write", lambda: self._commit(wb))
             except SinkError as again:
                 if again.data_error:
                     return await self._split(wb, again)
@@ -89,7 +110,7 @@ class WritePolicy:
         async def attempt(idx: list[int]) -> None:
             part = subset(wb, idx)
             try:
-                got = await self.retry("write", lambda: self.sink.write(part))
+                got = await self.retry("write", lambda: self._commit(part))
             except SinkError as err:
                 if len(idx) == 1:
                     raw = wb.raws[idx[0]]
@@ -105,14 +126,14 @@ class WritePolicy:
         await attempt(list(range(len(wb.items))))
         rest = WriteBatch(rejected=wb.rejected + refused, alerts=wb.alerts, alert_ingest_ids=ids, audit=wb.audit)
         try:
-            await self.retry("write", lambda: self.sink.write(rest))
+            await self.retry("write", lambda: self._commit(rest))
         except SinkError as err:
             # the rejects or alerts themselves are refused: keep the quarantine rows, which matter most
             log.error("Alerts of the batch refused by the database; dropping them.", extra={"error": str(err),
                       "alerts": len(rest.alerts)})
             rest.alerts = []
             try:
-                await self.retry("write", lambda: self.sink.write(rest))
+                await self.retry("write", lambda: self._commit(rest))
             except SinkError as again:
                 if not rest.audit:
                     raise
@@ -121,7 +142,7 @@ class WritePolicy:
                               extra={"error": str(again), "action": ev.action, "actor": ev.actor, "target": ev.target,
                                      "at": ev.at_ms, "correlation_id": ev.correlation_id})
                 rest.audit = []
-                await self.retry("write", lambda: self.sink.write(rest))
+                await self.retry("write", lambda: self._commit(rest))
         wb.rejected = rest.rejected
         return ids
 

@@ -43,6 +43,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.retention": ("gateway.config", "gateway.errors"),
     "gateway.holds_store": ("gateway.errors",),
     "gateway.logs": (),
+    # liveness and readiness: reads facts the gateway hands it, through protocols
+    "gateway.health": ("gateway.config", "gateway.errors", "gateway.sources"),
     # the read side: SQL reads and the live hub (query), served by the HTTPS source's operation table (api)
     "gateway.query": ("gateway.query", "gateway.model", "gateway.config", "gateway.errors", "gateway.retry"),
     "gateway.api": ("gateway.api", "gateway.query", "gateway.config", "gateway.model", "gateway.profiles",

@@ -97,3 +97,10 @@ def test_transport_failures_are_retriable_and_encoding_failures_are_not():
     assert is_retriable(asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"))
     assert not is_retriable(asyncpg.exceptions.DataError("invalid input for query argument $1"))
     assert not is_retriable(ValueError("not a database failure"))
+
+
+def test_client_side_protocol_errors_are_retried():
+    # what an idle pooled connection raises after it read the server's FATAL before its end of stream
+    assert is_retriable(asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"))
+    assert is_retriable(asyncpg.InterfaceError("connection is closed"))
+    assert not is_retriable(asyncpg.DataError("invalid input for query argument $1"))  # the same data fails again

@@ -4,7 +4,9 @@ A payload is kept whole up to ``payload_bytes`` (the configured quarantine size)
 truncated beyond; its SHA-256 and full length are stored either way, so a truncated copy
 still identifies the original. Rows are written with one INSERT over ``unnest`` arrays,
 inside the batch's transaction: a reject is committed (and its payload acknowledged)
-together with the rows of its neighbours or not at all.
+together with the rows of its neighbours or not at all. A payload refused again from the
+same origin (source, topic or path, principal), such as an MQTT redelivery or an HTTP retry,
+is the same refusal and adds no row (unique index of migration 6).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ INSERT INTO rejected (received_at, source, principal, gateway_id, topic_or_path,
 SELECT timestamptz 'epoch' + r * interval '1 millisecond', s, p, $4, tp, d, why, h, pb, pl
 FROM unnest($1::bigint[], $2::text[], $3::text[], $5::text[], $6::text[], $7::text[], $8::bytea[],
             $9::int[], $10::bytea[]) AS u(r, s, p, tp, d, why, h, pb, pl)
+ON CONFLICT (payload_sha256, source, topic_or_path, (coalesce(principal, ''))) DO NOTHING
 """
 
 

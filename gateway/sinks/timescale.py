@@ -26,6 +26,7 @@ from gateway.retry import DATABASE_ERRORS, WRONG_SERVER_CODES, is_retriable
 from gateway.sinks import History, WriteBatch
 from gateway.sinks import copybin
 from gateway.sinks import timescale_reads as reads
+from gateway.sinks.pooled import connection
 from gateway.sinks.quarantine import write_rejected
 from gateway.sinks.records import write_alerts, write_audit
 from gateway.sinks.rollups import write_rollups
@@ -94,7 +95,7 @@ class TimescaleSink:
                 init=_init_connection,
             )
             if self._run_migrations:
-                async with self._pool.acquire() as conn:
+                async with connection(self._pool) as conn:
                     applied = await migrate(conn)
                     if applied:
                         log.info("Database schema migrated.", extra={"versions": applied})
@@ -118,6 +119,19 @@ class TimescaleSink:
             raise SinkError("the sink is not started", retriable=False)
         return self._pool
 
+    async def ping(self, timeout_s: float) -> None:
+        """``SELECT 1`` on a pool connection within ``timeout_s`` (waiting for the connection
+        included); ``SinkError`` saying why not. For readiness probes."""
+        pool = self._require_pool()
+        try:
+            async with asyncio.timeout(timeout_s), connection(pool) as conn:
+                await conn.fetchval("SELECT 1")
+        except TimeoutError:
+            raise SinkError(f"no answer to SELECT 1 within {timeout_s:g} s", retriable=True) from None
+        except DATABASE_ERRORS as exc:
+            raise SinkError(f"SELECT 1 failed: {exc}", retriable=is_retriable(exc),
+                            sqlstate=getattr(exc, "sqlstate", None)) from exc
+
     async def known(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
         """The (device_id, payload_sha256) pairs among ``keys`` already stored, with their ingest ids."""
         return await reads.known(self._require_pool(), keys) if keys else {}
@@ -134,7 +148,7 @@ class TimescaleSink:
     async def write(self, batch: WriteBatch) -> list[int | None]:
         pool = self._require_pool()
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            async with connection(pool) as conn, conn.transaction():
                 ids = await self._write_ingests(conn, batch)
                 if any(i is not None for i in ids):
                     await self._copy_readings(conn, batch, ids)

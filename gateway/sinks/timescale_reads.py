@@ -16,6 +16,7 @@ from gateway.errors import SinkError
 from gateway.model import ARTIFACT_FLAGS, Flag
 from gateway.retry import DATABASE_ERRORS, is_retriable
 from gateway.sinks import History, OpenEpisode
+from gateway.sinks.pooled import connection
 
 __all__ = ["HISTORY_WINDOW", "known", "history"]
 
@@ -75,7 +76,7 @@ async def known(pool: asyncpg.Pool, keys: list[tuple[str, bytes]]) -> dict[tuple
     if not keys:
         return {}
     try:
-        async with pool.acquire() as conn:
+        async with connection(pool) as conn:
             rows = await conn.fetch(_KNOWN, [k[0] for k in keys], [k[1] for k in keys])
     except DATABASE_ERRORS as exc:
         raise SinkError(f"duplicate lookup failed: {exc}", retriable=is_retriable(exc)) from exc
@@ -90,7 +91,7 @@ async def history(
     if not devices:
         return out
     try:
-        async with pool.acquire() as conn:
+        async with connection(pool) as conn:
             num = ref = wav = []
             if numeric:
                 nd, nm = [k[0] for k in numeric], [k[1] for k in numeric]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gateway.errors import RejectError
     from gateway.registry import Registry
 
-__all__ = ["Submit", "Source", "Intake", "Validated", "SourceContext", "SourceKind", "SOURCES"]
+__all__ = ["Submit", "Source", "SourceHealth", "Intake", "Validated", "SourceContext", "SourceKind", "SOURCES"]
 
 Submit = Callable[[RawMessage], None]
 
@@ -82,6 +82,21 @@ class Intake(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """What a source tells ``/readyz`` (``gateway.health``).
+
+    Args:
+        connected: Taking payloads from its peers: connected to the broker, listening.
+        detail: Where it is connected or listening, or why it is not (the last error).
+        paused_s: How long socket reads have been paused at the memory bound (0 while reading).
+    """
+
+    connected: bool
+    detail: str
+    paused_s: float = 0.0
+
+
 class Source(Protocol):
     """Lifecycle: ``start()``, ``run()`` until ``stop_intake()``; then the pipeline drains; then ``close()``."""
 
@@ -96,6 +111,9 @@ class Source(Protocol):
 
     async def close(self) -> None:
         """Send outstanding acknowledgements and disconnect."""
+
+    def health(self) -> SourceHealth:
+        """Whether it takes payloads now, and why not; cheap, called by readiness probes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from gateway.config import MqttConfig
 from gateway.metrics import Metrics
 from gateway.model import RawMessage
 from gateway.retry import Backoff
-from gateway.sources import SourceContext, Submit
+from gateway.sources import SourceContext, SourceHealth, Submit
 from gateway.sources import paho_speed
 from gateway.sources.mqtt_flow import OrderedAcks, ReadGate, resident_bytes
 
@@ -111,6 +111,7 @@ class MqttSource:
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._connected = False
+        self._last_error = "not connected yet"  # why it is not connected, for /readyz
         self._taking = True
         self._closing = asyncio.Event()
         paho_speed.install()
@@ -220,6 +221,7 @@ class MqttSource:
                     )
                     await self._until_closed_or_lost(client)
             except aiomqtt.MqttError as exc:
+                self._last_error = str(exc) or type(exc).__name__
                 if self._closing.is_set():
                     break
                 delay = backoff.next_delay()
@@ -256,6 +258,16 @@ class MqttSource:
                 t.cancel()
         if watcher in done and not watcher.cancelled() and watcher.exception() is not None:
             raise watcher.exception()  # type: ignore[misc]
+
+    def health(self) -> SourceHealth:
+        broker = f"{self._host}:{self._port}"
+        paused_s, why = self._gate.paused_for()
+        if not self.connected:
+            return SourceHealth(False, f"mqtt: not connected to {broker}: {self._last_error}", paused_s)
+        if why is not None:
+            held = "payloads held at the budget" if why == "held" else "resident memory near the bound"
+            return SourceHealth(True, f"mqtt: connected to {broker}; reads paused {paused_s:.0f} s ({held})", paused_s)
+        return SourceHealth(True, f"mqtt: connected to {broker}")
 
     # ------------------------------------------------------------ publishing (gateway.sinks.alerts.Publisher)
     @property

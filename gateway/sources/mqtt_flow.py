@@ -117,6 +117,10 @@ class ReadGate:
         self._rss = 0
         self._memory_stuck = False  # resident memory stayed high with nothing held: no memory pauses
 
+    def paused_for(self) -> tuple[float, str | None]:
+        """Seconds reads have been paused (0 while reading) and why ("held" or "memory")."""
+        return (time.monotonic() - self._paused_at, self._paused) if self._paused else (0.0, None)
+
     def reading(self) -> bool:
         """False while reads are paused (``paho_speed.buffer_reads`` stops its drain then)."""
         return not self._reader_off

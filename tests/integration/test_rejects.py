@@ -100,3 +100,26 @@ def test_every_malformed_class_is_quarantined_with_its_reason_and_the_pipeline_g
     assert gw.metric("gateway_rejected_total") == len(CASES)
     assert gw.alive()
     assert gw.terminate() == 0
+
+
+def test_a_redelivered_rejected_payload_is_stored_once(db_dsn, broker, gateway_factory):
+    gw = gateway_factory(db_dsn)
+    gw.start()
+    bad = J(env(v=2))
+    pub = Publisher(broker.port)
+    for _ in range(3):  # the same refused payload three times in one batch
+        pub.publish(TOPIC, bad)
+    pub.publish("devices/po-other/telemetry", bad)  # from another origin: another refusal
+    pub.wait_acked()
+    wait_for(lambda: gw.metric("gateway_rejected_total", 0) >= 4, timeout=60, message=lambda: gw.log_tail())
+    pub.publish(TOPIC, bad)  # and again in a later batch, as a redelivery would arrive
+    pub.wait_acked()
+    pub.close()
+    wait_for(lambda: gw.metric("gateway_rejected_total", 0) >= 5, timeout=60, message=lambda: gw.log_tail())
+    # every delivery acknowledged, so committed: nothing of it is still on its way to the table
+    wait_for(lambda: gw.metric("gateway_in_flight_messages") == 0, timeout=30, message=lambda: gw.log_tail())
+    rows = fetch(db_dsn, "SELECT topic_or_path, reason, payload_sha256 FROM rejected ORDER BY id")
+    assert [(r["topic_or_path"], bytes(r["payload_sha256"])) for r in rows] == [
+        (TOPIC, sha256(bad)), ("devices/po-other/telemetry", sha256(bad))]
+    assert gw.metric("gateway_rejected_total") == 5  # every delivery is still counted
+    assert gw.terminate() == 0

@@ -17,17 +17,22 @@ Credentials, in this order:
   ``CN=po-1,O=Acme``).
 
 Every refusal is audited (``auth.failure``, ``authz.denied``, ``device.unregistered``,
-``device.revoked``) with the caller's address and the request's correlation id.
+``device.revoked``) with the caller's address and the request's correlation id. Repeated
+authentication failures from one address are throttled (``AuditThrottle``): the first few
+of an interval are audited one by one, the rest become one row with their count, so a
+hostile client cannot grow ``audit_log`` without bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from aiohttp import web
@@ -37,6 +42,7 @@ from gateway.model import DEVICE_ID_PATTERN, AuditEvent
 from .api import ApiError
 
 __all__ = [
+    "AuditThrottle",
     "Principal",
     "Registry",
     "RateLimiter",
@@ -251,6 +257,86 @@ def audit_event(actor: str, action: str, target: str | None, *, remote: str | No
         correlation_id=correlation_id,
         detail=detail,
     )
+
+
+# ------------------------------------------------------------------ audit throttle
+
+
+@dataclass
+class _Window:
+    start: float
+    written: int = 0  # events of this interval audited one by one
+    count: int = 0  # events of this interval held back for the summary row
+    reasons: Counter[str] = field(default_factory=Counter)
+    first_ms: int = 0
+    last: AuditEvent | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+class AuditThrottle:
+    """One source address's repeated authentication failures, bounded in ``audit_log``.
+
+    Per (address, action) and ``interval_s``: the first ``each`` events are audited as they
+    come; the rest are counted and written as one row when the interval ends (``detail``:
+    ``repeated``, ``interval_s``, ``first_at``, ``last_at`` in epoch ms, ``reasons`` with
+    their counts; the other fields are the last event's). At most ``max_addresses``
+    intervals are tracked: beyond that the oldest is closed early (its summary written), so
+    memory stays bounded and no failure goes uncounted. ``flush()`` writes what is held.
+    """
+
+    def __init__(self, emit: Callable[[AuditEvent], None], *, interval_s: float = 60.0, each: int = 10,
+                 max_addresses: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._emit = emit
+        self.interval_s = interval_s
+        self.each = each
+        self._max = max_addresses
+        self._clock = clock
+        self._windows: dict[tuple[str | None, str], _Window] = {}
+
+    def record(self, event: AuditEvent) -> None:
+        key = (event.source_addr, event.action)
+        now = self._clock()
+        w = self._windows.get(key)
+        if w is not None and now - w.start >= self.interval_s:
+            self._close(key)
+            w = None
+        if w is None:
+            w = self._windows[key] = _Window(now)
+            if len(self._windows) > self._max:
+                self._close(next(iter(self._windows)))
+        if w.written < self.each:
+            w.written += 1
+            self._emit(event)
+            return
+        if w.count == 0:
+            w.first_ms = event.at_ms
+            w.timer = asyncio.get_running_loop().call_later(self.interval_s - (now - w.start), self._close, key)
+        w.count += 1
+        w.last = event
+        w.reasons[str((event.detail or {}).get("reason", event.action))] += 1
+
+    def _close(self, key: tuple[str | None, str]) -> None:
+        w = self._windows.pop(key, None)
+        if w is None:
+            return
+        if w.timer is not None:
+            w.timer.cancel()
+        if w.count and w.last is not None:
+            last = w.last
+            self._emit(AuditEvent(
+                at_ms=last.at_ms, actor=last.actor, action=last.action, target=last.target, outcome=last.outcome,
+                source_addr=last.source_addr, correlation_id=last.correlation_id,
+                detail={"repeated": w.count, "interval_s": self.interval_s, "first_at": w.first_ms,
+                        "last_at": last.at_ms, "reasons": dict(w.reasons)},
+            ))
+
+    def flush(self) -> None:
+        """Write every summary held (shutdown)."""
+        for key in list(self._windows):
+            self._close(key)
+
+    def __len__(self) -> int:
+        return len(self._windows)
 
 
 # ------------------------------------------------------------------ rate limit

@@ -11,10 +11,11 @@ from aiohttp import web
 
 from gateway.config import HttpConfig
 from gateway.metrics import Metrics
+from gateway.model import AuditEvent
 from gateway.sources import Intake
 
 from .api import ApiError
-from .auth import Principal, RateLimiter, Registry, audit_event, authenticate, retry_after
+from .auth import AuditThrottle, Principal, RateLimiter, Registry, audit_event, authenticate, retry_after
 
 __all__ = ["Context", "CONTEXT", "CORRELATION", "PRINCIPAL"]
 
@@ -37,22 +38,33 @@ class Context:
     accepting: bool = True
     waiting: set[asyncio.Future[object]] = field(default_factory=set)  # outcomes requests wait for
     read: object | None = None  # the read side (gateway.api.ReadSide) when the query API is served
+    throttle: AuditThrottle | None = None  # repeated authentication failures per address (made on first use)
 
     def audit(self, request: web.Request, actor: str, action: str, target: str | None,
-              detail: dict[str, object] | None = None) -> None:
-        """Record a refusal in the audit log; a failure to record is logged, never hidden."""
-        try:
-            self.intake.audit(audit_event(actor, action, target, remote=request.remote,
-                                          correlation_id=request[CORRELATION], detail=detail))
-        except Exception as exc:  # noqa: BLE001 - the answer still goes out; the log keeps the evidence
-            log.error("Audit event not recorded.", extra={"action": action, "actor": actor, "target": target,
-                                                          "error": repr(exc)})
+              detail: dict[str, object] | None = None, *, throttled: bool = False) -> None:
+        """Record a refusal in the audit log; a failure to record is logged, never hidden.
+        ``throttled``: an authentication failure, counted per address (``AuditThrottle``)."""
+        event = audit_event(actor, action, target, remote=request.remote, correlation_id=request[CORRELATION],
+                            detail=detail)
+        if throttled:
+            if self.throttle is None:
+                self.throttle = AuditThrottle(self._record)
+            self.throttle.record(event)
+        else:
+            self._record(event)
         log.warning("Request refused.", extra={"action": action, "actor": actor, "target": target,
                                                "remote": request.remote, "correlation_id": request[CORRELATION]})
 
+    def _record(self, event: AuditEvent) -> None:
+        try:
+            self.intake.audit(event)
+        except Exception as exc:  # noqa: BLE001 - the answer still goes out; the log keeps the evidence
+            log.error("Audit event not recorded.", extra={"action": event.action, "actor": event.actor,
+                                                          "target": event.target, "error": repr(exc)})
+
     async def authenticate(self, request: web.Request) -> Principal:
-        return await authenticate(request, self.registry,
-                                  lambda actor, action, target, detail: self.audit(request, actor, action, target, detail))
+        return await authenticate(request, self.registry, lambda actor, action, target, detail: self.audit(
+            request, actor, action, target, detail, throttled=True))
 
     def check_rate(self, principal: Principal) -> None:
         wait = self.limiter.take(principal.limit_key)

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.config import HttpConfig
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.sources import Intake, SourceContext
+from gateway.sources import Intake, SourceContext, SourceHealth
 
 from . import admin, telemetry  # noqa: F401 - importing registers their operations
 from .api import CORRELATION_HEADER, ERROR_WORDS, OPERATIONS, ApiError, ErrorBody, Operation, json_response, operation
@@ -228,9 +228,18 @@ class HttpSource:
             await self.start()
         await self._closed.wait()
 
+    def health(self) -> SourceHealth:
+        if self.port is None or self._runner is None:
+            return SourceHealth(False, "http: not listening")
+        if not self.ctx.accepting:
+            return SourceHealth(False, f"http: stopped taking requests on {self._cfg.host}:{self.port}")
+        return SourceHealth(True, f"http: listening on {self._cfg.host}:{self.port}")
+
     def stop_intake(self) -> None:
         """New requests get 503; the listening sockets close; requests already taken wait for their commit."""
         self.ctx.accepting = False
+        if self.ctx.throttle is not None:
+            self.ctx.throttle.flush()  # the pipeline still takes audit events while it drains
         if self._site is not None and self._unlisten is None:
             self._unlisten = asyncio.get_running_loop().create_task(self._site.stop(), name="http-unlisten")
 
