@@ -87,7 +87,8 @@ async def _seed(dsn: str) -> datetime:
         for device, t in (("po-a", t0 + 45 * MIN), ("po-c", t0 + 45 * MIN), (None, t0), ("po-c", recent)):
             await conn.execute(
                 "INSERT INTO rejected (received_at, source, gateway_id, topic_or_path, device_id, reason, payload_sha256,"
-                " payload_bytes, payload) VALUES ($1, 'mqtt', 'gw', 't', $2, 'bad', '\\x00', 1, '\\x00')", t, device)
+                " payload_bytes, payload) VALUES ($1, 'mqtt', 'gw', 't', $2, 'bad',"
+                " sha256(convert_to(coalesce($2, '') || $1::timestamptz::text, 'UTF8')), 1, '\\x00')", t, device)
         # po-b is P1's from T0+2h30m on; po-d was P1's only before the window; po-c is P2's
         await conn.executemany("INSERT INTO associations (device_id, patient_ref, location, started_at, ended_at) VALUES ($1, $2, 'icu-1', $3, $4)", [
             ("po-b", "P1", t0 + 150 * MIN, None), ("po-d", "P1", t0 - HOUR, t0 + 2 * HOUR), ("po-c", "P2", t0, None)])
