@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.registry_cli import add_registry_parsers
 
     add_registry_parsers(sub)
-    from gateway.query.cli import add_parsers as add_association_parsers; add_association_parsers(sub)  # noqa: E702
+    from gateway.query.cli import add_parsers as add_association_parsers
+
+    add_association_parsers(sub)  # associate, dissociate
     return parser
 
 
