@@ -84,7 +84,7 @@ async def _reader(gw, dev: str, seen: dict[str, float], stop: asyncio.Event) -> 
                     continue
                 if not line:
                     return
-                if line.startswith(b"data: ") and b'"probe-' in line:
+                if line.startswith(b"data: ") and b'"sb-probe"' in line:
                     for rd in orjson.loads(line[6:])["readings"]:
                         seen.setdefault(f"probe-{rd['t']}", time.monotonic())
 
@@ -109,8 +109,7 @@ async def run(seconds: float, workers: int) -> dict:
     pg.start()
     probe = "sb-probe"
     gw = HttpsGateway(work / "gw", pg.create_database("bench_stream"), DEVICES + [probe], workers=workers,
-                      settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "100000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "100000",
-                                "VITALGATE_LOG_LEVEL": "WARNING"})
+                      settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "100000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "100000"})
     try:
         gw.start()
         base = _load(gw, seconds)
