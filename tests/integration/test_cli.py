@@ -16,9 +16,9 @@ pytestmark = pytest.mark.integration
 def test_db_migrate_is_idempotent_and_records_the_version(db_dsn, monkeypatch, capsys):
     monkeypatch.setenv("VITALGATE_DATABASE_URL", db_dsn)
     assert main(["db", "migrate"]) == 0
-    assert "Applied migrations 1, 2; schema version 2." in capsys.readouterr().out
+    assert "Applied migrations 1, 2, 3; schema version 3." in capsys.readouterr().out
     assert main(["db", "migrate"]) == 0
-    assert "Schema is up to date (version 2)." in capsys.readouterr().out
+    assert "Schema is up to date (version 3)." in capsys.readouterr().out
 
     async def inspect() -> tuple[list, list]:
         conn = await asyncpg.connect(db_dsn)
@@ -30,8 +30,8 @@ def test_db_migrate_is_idempotent_and_records_the_version(db_dsn, monkeypatch, c
             await conn.close()
 
     versions, hypertables = asyncio.run(inspect())
-    assert versions == [1, 2]
-    assert hypertables == ["readings", "waveform_blocks"]
+    assert versions == [1, 2, 3]
+    assert hypertables == ["readings", "readings_1m", "waveform_blocks"]
 
 
 def test_db_migrate_names_the_database_it_cannot_reach(monkeypatch, capsys):
