@@ -48,7 +48,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     # the read side: SQL reads and the live hub (query), served by the HTTPS source's operation table (api)
     "gateway.query": ("gateway.query", "gateway.model", "gateway.config", "gateway.errors", "gateway.retry"),
     "gateway.api": ("gateway.api", "gateway.query", "gateway.config", "gateway.model", "gateway.profiles",
-                    "gateway.errors", "gateway.retry", "gateway.sources.http"),
+                    "gateway.errors", "gateway.retry", "gateway.sources.http", "gateway.workers"),
     "gateway.pipeline": ("gateway.decode", "gateway.checks", "gateway.model", "gateway.errors", "gateway.metrics",
                          "gateway.profiles", "gateway.sinks", "gateway.registry", "gateway.settings", "gateway.clock",
                          "gateway.evaluate", "gateway.identity", "gateway.batching", "gateway.writepolicy",

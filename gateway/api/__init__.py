@@ -12,6 +12,7 @@ handlers), ``stream`` (Server-Sent Events).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +29,7 @@ from gateway.sources.http.context import CONTEXT, CORRELATION, PRINCIPAL
 
 if TYPE_CHECKING:
     from gateway.query.hub import Hub
+    from gateway.query.peers import StreamPeers
 
 __all__ = ["ReadSide", "read_side", "audit_read", "db"]
 
@@ -43,16 +45,34 @@ class ReadSide:
     store: ReadStore
     profiles: Mapping[str, Profile]
     hub: Hub | None = None
+    peers: StreamPeers | None = None  # the other workers' hubs (--workers N)
+    origin: int = 0  # this worker's index
+    origins: int = 1  # workers
 
     @classmethod
     async def open(cls, cfg: GatewayConfig, profiles: Mapping[str, Profile], pipeline: Any) -> ReadSide:
         """Connect the read pool; start the live hub fed by ``pipeline``'s commits."""
+        from gateway.query.hub import Hub
+        from gateway.query.peers import StreamPeers
+        from gateway.workers import ENV_DIR, worker_index
+
         store = await ReadStore.connect(cfg.database.url, gateway_id=cfg.gateway_id,
                                         timeout_s=cfg.database.connect_timeout_s)
-        side = cls(store=store, profiles=profiles)
+        hub = Hub()
+        await hub.start(store.pool)
+        pipeline.add_commit_listener(hub.on_commit)
+        side = cls(store=store, profiles=profiles, hub=hub)
+        if cfg.workers > 1:
+            side.origin, side.origins = worker_index() or 0, cfg.workers
+            side.peers = StreamPeers(hub, index=side.origin, count=cfg.workers, runtime_dir=os.environ[ENV_DIR])
+            await side.peers.start()
         return side
 
     async def close(self) -> None:
+        if self.peers is not None:
+            await self.peers.close()
+        if self.hub is not None:
+            await self.hub.close()
         await self.store.close()
 
     def numeric_metrics(self, profile: str | None) -> list[str]:
@@ -104,4 +124,4 @@ async def db(call: Awaitable[T]) -> T:
                        headers={"Retry-After": "1"}) from None
 
 
-from . import associations, reads  # noqa: E402,F401 - importing registers their operations
+from . import associations, reads, stream  # noqa: E402,F401 - importing registers their operations

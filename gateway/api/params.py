@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.model import DEVICE_ID_PATTERN
 from gateway.query.cursor import CursorError, decode_cursor
-from gateway.sources.http.api import ApiError
+from gateway.sources.http.api import OPERATIONS, ApiError
 
 from .types import MAX_MS, METRIC_PATTERN, PATIENT_PATTERN
 
@@ -71,11 +71,28 @@ def parse_bucket(text: str) -> int:
     return ms
 
 
+_DECLARED: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def _declared(method: str, path: str) -> frozenset[str]:
+    """The query parameters the operation table declares for a route."""
+    key = (method, path)
+    if key not in _DECLARED:
+        ops = [op for op in OPERATIONS if op.method == method and op.path == path]
+        _DECLARED[key] = frozenset(ops[0].query_params) if ops else frozenset()
+    return _DECLARED[key]
+
+
 class Query:
     """The query parameters of one request, parsed by the rules of ``SCHEMAS``."""
 
     def __init__(self, request: web.Request) -> None:
         self._q = request.query
+        allowed = _declared(request.method, request.path)
+        unknown = sorted(set(self._q) - allowed)
+        if unknown:
+            raise ApiError(400, f"{unknown[0]}: not a parameter of {request.method} {request.path} "
+                                f"(known: {', '.join(sorted(allowed)) or 'none'})")
 
     def text(self, name: str) -> str | None:
         values = self._q.getall(name, [])

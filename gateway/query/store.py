@@ -43,16 +43,27 @@ def _ms(x: str) -> str:
     return f"(extract(epoch FROM {x}) * 1000)::bigint"
 
 
-_W = "unnest($1::text[], $2::bigint[], $3::bigint[]) AS w(d, lo, hi)"
+def _where(wins: Windows, first: int, alias: str, column: str) -> tuple[str, list[Any]]:
+    """The windows as ``(device = $k AND column in [lo, hi))`` terms joined by OR, parameters from
+    ``$first``. Plain comparisons with parameters (not a join on ``unnest``) let TimescaleDB
+    exclude chunks and probe the (device_id, metric, time) index per window: with a join, a
+    30-day rollup read planned a scan of every chunk and took seconds."""
+    terms, args = [], []
+    for i, (d, lo, hi) in enumerate(wins):
+        k = first + 3 * i
+        terms.append(f"({alias}.device_id = ${k} AND {alias}.{column} >= {_e(f'${k + 1}::bigint')}"
+                     f" AND {alias}.{column} < {_e(f'${k + 2}::bigint')})")
+        args += [d, lo, hi]
+    return "(" + (" OR ".join(terms) or "false") + ")", args
+
 
 _READINGS = f"""
 SELECT r.device_id, r.metric, {_ms('r.time')} AS t, r.value, r.flags, r.ingest_id
-FROM {_W}
-JOIN readings r ON r.device_id = w.d AND r.time >= {_e('w.lo')} AND r.time < {_e('w.hi')}
-WHERE ($4::text IS NULL OR r.metric = $4) AND {{flags}}
-  AND ($5::bigint IS NULL OR (r.time, r.device_id, r.metric, r.ingest_id) >= ({_e('$5::bigint')}, $6, $7, $8))
+FROM readings r
+WHERE {{wins}} AND ($1::text IS NULL OR r.metric = $1) AND {{flags}}
+  AND ($2::bigint IS NULL OR (r.time, r.device_id, r.metric, r.ingest_id) >= ({_e('$2::bigint')}, $3, $4, $5))
 ORDER BY r.time, r.device_id, r.metric, r.ingest_id, r.value, r.flags
-LIMIT $9
+LIMIT $6
 """
 
 _FLAGS = {"include": "true", "exclude": "r.flags = 0", "only": "r.flags <> 0"}
@@ -61,43 +72,39 @@ _BUCKET_FLAGS = {"include": f"(r.flags & {ARTIFACT_FLAGS}) = 0", "exclude": "r.f
 _BUCKETS = f"""
 WITH parts AS (
     SELECT r.device_id, r.metric, r.bucket AS t, r.min, r.max, r.sum, r.count
-    FROM {_W}
-    JOIN readings_1m r ON r.device_id = w.d AND r.bucket >= {_e('w.lo')} AND r.bucket < {_e('w.hi')}
-    WHERE ($7::text IS NULL OR r.metric = $7) AND r.bucket >= {_e('$9::bigint')}
+    FROM readings_1m r
+    WHERE {{rolled}} AND ($1::text IS NULL OR r.metric = $1) AND r.bucket >= {_e('$3::bigint')}
   UNION ALL
     SELECT r.device_id, r.metric, r.time, r.value, r.value, r.value, 1
-    FROM unnest($4::text[], $5::bigint[], $6::bigint[]) AS w(d, lo, hi)
-    JOIN readings r ON r.device_id = w.d AND r.time >= {_e('w.lo')} AND r.time < {_e('w.hi')}
-    WHERE ($7::text IS NULL OR r.metric = $7) AND {{flags}} AND r.time >= {_e('$9::bigint')}
+    FROM readings r
+    WHERE {{raw}} AND ($1::text IS NULL OR r.metric = $1) AND {{flags}} AND r.time >= {_e('$3::bigint')}
 )
-SELECT device_id, metric, {_ms('time_bucket($8::interval, t)')} AS t,
+SELECT device_id, metric, {_ms('time_bucket($2::interval, t)')} AS t,
        min(min) AS min, max(max) AS max, sum(sum) / sum(count) AS avg, sum(count)::bigint AS count
 FROM parts
-GROUP BY device_id, metric, time_bucket($8::interval, t)
-HAVING $10::text IS NULL OR ({_ms('time_bucket($8::interval, t)')}, device_id, metric) > ($9, $10, $11)
+GROUP BY device_id, metric, time_bucket($2::interval, t)
+HAVING $4::text IS NULL OR ({_ms('time_bucket($2::interval, t)')}, device_id, metric) > ($3, $4, $5)
 ORDER BY 3, 1, 2
-LIMIT $12
+LIMIT $6
 """
 
 _WAVEFORMS = f"""
 SELECT b.device_id, b.metric, {_ms('b.time')} AS t, b.hz, b.samples, b.flags, b.ingest_id
-FROM {_W}
-JOIN waveform_blocks b ON b.device_id = w.d AND b.time >= {_e('w.lo')} AND b.time < {_e('w.hi')}
-WHERE ($4::text IS NULL OR b.metric = $4)
-  AND ($5::bigint IS NULL OR (b.time, b.device_id, b.metric, b.ingest_id) >= ({_e('$5::bigint')}, $6, $7, $8))
+FROM waveform_blocks b
+WHERE {{wins}} AND ($1::text IS NULL OR b.metric = $1)
+  AND ($2::bigint IS NULL OR (b.time, b.device_id, b.metric, b.ingest_id) >= ({_e('$2::bigint')}, $3, $4, $5))
 ORDER BY b.time, b.device_id, b.metric, b.ingest_id, b.flags, b.hz
-LIMIT $9
+LIMIT $6
 """
 
 _ALERTS = f"""
 SELECT a.id, a.device_id, a.rule, a.priority, a.metric, {_ms('a.opened_at')} AS opened_at,
        {_ms('a.cleared_at')} AS cleared_at, a.trigger_value
-FROM {_W}
-JOIN alerts a ON a.device_id = w.d AND a.opened_at >= {_e('w.lo')} AND a.opened_at < {_e('w.hi')}
-WHERE ($4::bool IS NOT TRUE OR a.cleared_at IS NULL)
-  AND ($5::bigint IS NULL OR (a.opened_at, a.id) < ({_e('$5::bigint')}, $6))
+FROM alerts a
+WHERE {{wins}} AND ($1::bool IS NOT TRUE OR a.cleared_at IS NULL)
+  AND ($2::bigint IS NULL OR (a.opened_at, a.id) < ({_e('$2::bigint')}, $3))
 ORDER BY a.opened_at DESC, a.id DESC
-LIMIT $7
+LIMIT $4
 """
 
 _LATEST = f"""
@@ -144,10 +151,6 @@ SELECT $1, $2, $3, 'success', $4, $5, CASE WHEN cardinality($7::text[]) = 0 THEN
 """
 
 
-def _split(wins: Windows) -> tuple[list[str], list[int], list[int]]:
-    return [w[0] for w in wins], [w[1] for w in wins], [w[2] for w in wins]
-
-
 class ReadStore:
     """Reads for the query API and the live stream (see the module docstring)."""
 
@@ -176,8 +179,9 @@ class ReadStore:
     async def readings(self, wins: Windows, *, metric: str | None, flags: str, limit: int,
                        cursor: tuple[list[Any], int] | None) -> Page:
         key, skip = cursor if cursor else ([None, None, None, None], 0)
-        rows = await self.pool.fetch(_READINGS.format(flags=_FLAGS[flags]), *_split(wins), metric, *key,
-                                     limit + skip + 1)
+        where, args = _where(wins, 7, "r", "time")
+        rows = await self.pool.fetch(_READINGS.format(wins=where, flags=_FLAGS[flags]), metric, *key,
+                                     limit + skip + 1, *args)
         return page(rows, key if cursor else None, skip, limit, lambda r: [r[2], r[0], r[1], r[5]])
 
     async def buckets(self, wins: Windows, *, metric: str | None, bucket_ms: int, flags: str, limit: int,
@@ -201,21 +205,25 @@ class ReadStore:
         else:
             raw = list(wins)
         (ct, cd, cm) = cursor[0] if cursor else (0, None, None)
-        rows = await self.pool.fetch(
-            _BUCKETS.format(flags=_BUCKET_FLAGS[flags]), *_split(rolled), *_split(raw), metric,
-            timedelta(milliseconds=bucket_ms), ct, cd, cm, limit + 1)
+        rolled_sql, rolled_args = _where(rolled, 7, "r", "bucket")
+        raw_sql, raw_args = _where(raw, 7 + len(rolled_args), "r", "time")
+        sql = _BUCKETS.format(rolled=rolled_sql, raw=raw_sql, flags=_BUCKET_FLAGS[flags])
+        rows = await self.pool.fetch(sql, metric, timedelta(milliseconds=bucket_ms), ct, cd, cm, limit + 1,
+                                     *rolled_args, *raw_args)
         return page(rows, None, 0, limit, lambda r: [r[2], r[0], r[1]])
 
     async def waveforms(self, wins: Windows, *, metric: str | None, limit: int,
                         cursor: tuple[list[Any], int] | None) -> Page:
         key, skip = cursor if cursor else ([None, None, None, None], 0)
-        rows = await self.pool.fetch(_WAVEFORMS, *_split(wins), metric, *key, limit + skip + 1)
+        where, args = _where(wins, 7, "b", "time")
+        rows = await self.pool.fetch(_WAVEFORMS.format(wins=where), metric, *key, limit + skip + 1, *args)
         return page(rows, key if cursor else None, skip, limit, lambda r: [r[2], r[0], r[1], r[6]])
 
     async def alerts(self, wins: Windows, *, open_only: bool, limit: int,
                      cursor: tuple[list[Any], int] | None) -> Page:
         key = cursor[0] if cursor else [None, None]
-        rows = await self.pool.fetch(_ALERTS, *_split(wins), open_only, *key, limit + 1)
+        where, args = _where(wins, 5, "a", "opened_at")
+        rows = await self.pool.fetch(_ALERTS.format(wins=where), open_only, *key, limit + 1, *args)
         return page(rows, None, 0, limit, lambda r: [r[5], r[0]])
 
     async def latest(self, pairs: Sequence[tuple[str, str, int, int]]) -> list[asyncpg.Record]:

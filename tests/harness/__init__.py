@@ -23,12 +23,13 @@ from .sampler import (
     children, cpu_seconds, descendants, machine_busy_seconds, metric_sum, parent, pid_alive, rss_bytes, rss_mib,
     scrape_metrics, tree_cpu_seconds,
 )
+from .https import ClientCA, HttpsGateway
 from .replication import StandbyCluster
 from .services import Mosquitto, MqttTls, PostgresCluster, ServiceError, device_acl, free_port, write_password_file
 from .waits import await_for, wait_for
 
 __all__ = [
-    "PROFILES", "REPO", "CliError", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "PostgresCluster",
+    "PROFILES", "REPO", "CliError", "ClientCA", "HttpsGateway", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "PostgresCluster",
     "ServiceError", "StandbyCluster", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
     "machine_busy_seconds", "metric_sum", "parent", "pid_alive", "rss_bytes", "rss_mib", "scrape_metrics",
     "tree_cpu_seconds", "vitalgate", "wait_for", "write_password_file",

@@ -33,7 +33,7 @@ import trustme
 
 from tests.harness import REPO, Mosquitto, PostgresCluster
 from tests.integration.support import Publisher
-from tests.integration.https_support import HttpsGateway
+from tests.harness.https import HttpsGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -63,7 +63,7 @@ def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
     )
     try:
         g.start()
-        from tests.integration.https_support import cli
+        from tests.harness.https import cli
 
         cli(dsn, "devices", "revoke", "revoked-dev")
         cli(dsn, "devices", "revoke", DEVICES[11])

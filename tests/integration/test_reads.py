@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from tests.harness import PROFILES, REPO, PostgresCluster
-from tests.integration.https_support import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness import GatewayProcess, free_port, vitalgate
+from .gateway import GatewayProcess, vitalgate
+from .services import free_port
 
 __all__ = ["ClientCA", "HttpsGateway", "cli"]
 
