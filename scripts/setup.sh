@@ -16,7 +16,8 @@ PYTHON3="${PYTHON3:-python3}"
 EXTRAS="${EXTRAS:-dev}"
 VENV=.venv
 STAMP="$VENV/.vitalgate-${EXTRAS//,/-}.stamp"
-APT_PACKAGES=(postgresql-15 postgresql-client-15 mosquitto mosquitto-clients)
+# chromium: the headless browser of the page's test (driven by Playwright from the dev extra)
+APT_PACKAGES=(postgresql-15 postgresql-client-15 mosquitto mosquitto-clients chromium)
 
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
