@@ -18,7 +18,10 @@ from aiohttp import web
 
 from gateway.model import Flag
 
-__all__ = ["add_ui_routes"]
+__all__ = ["UI_PATHS", "add_ui_routes"]
+
+# Served beside the API operations, outside /openapi.json: a page, not an API.
+UI_PATHS = ("/ui", "/ui/", "/ui/{name}")
 
 _TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -68,6 +71,7 @@ def add_ui_routes(app: web.Application) -> None:
         # returned, not raised: the error middleware turns raised HTTP exceptions into JSON errors
         return web.Response(status=308, headers={"Location": "/ui/"})
 
-    app.router.add_get("/ui", redirect)
-    app.router.add_get("/ui/", serve)
-    app.router.add_get("/ui/{name}", serve)
+    redirect_path, page_path, file_path = UI_PATHS
+    app.router.add_get(redirect_path, redirect)
+    app.router.add_get(page_path, serve)
+    app.router.add_get(file_path, serve)
