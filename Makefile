@@ -15,8 +15,9 @@ setup:
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
+# KEEP=1: serve the central-station page and run until Ctrl-C (prints its URL and a key).
 demo: setup
-	$(PYTHON) -m bench.demo
+	$(PYTHON) -m bench.demo $(if $(KEEP),--keep)
 
 bench: setup $(BENCH_STAMP)
 	$(PYTHON) -m bench.run

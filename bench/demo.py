@@ -15,6 +15,11 @@ everything published is committed, stop the gateway with SIGTERM (exit code 0 ex
 and print a summary with example queries. At the end the gateway's persistent MQTT
 session is removed from the broker, which would otherwise queue telemetry for it forever.
 
+With ``--keep`` (``make demo KEEP=1``) the fleet and the gateway run until Ctrl-C instead,
+and the central-station page is served: the demo prints its URL (plain HTTP on 127.0.0.1)
+and a ``telemetry:read`` API key, having put the first monitors and oximeters in beds of
+ward ``ICU-A/``; Ctrl-C then drains and summarises as above.
+
 Exit code 0 when everything published was committed (or quarantined) and the gateway
 exited cleanly; 1 otherwise, with the reason and the tail of the gateway's log.
 """
@@ -23,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,7 @@ import asyncpg
 
 from bench.common import forget_mqtt_session
 from bench.fleet import Fleet, FleetConfig, device_id
-from tests.harness import PROFILES, REPO, CliError, GatewayProcess, vitalgate
+from tests.harness import PROFILES, REPO, CliError, GatewayProcess, free_port, vitalgate
 
 DB = "vitalgate_demo"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -102,6 +110,29 @@ def register_fleet(fleet: Fleet, workdir: Path) -> int:
         except CliError as exc:
             raise DemoError(str(exc)) from None
     return len(rows)
+
+
+def open_station(fleet: Fleet, http_port: int, beds: int = 24) -> str:
+    """Keys for the page (read) and for placing devices in beds (admin); the first ``beds``
+    monitors and oximeters go to ``ICU-A/Bed NN``. Returns the read key."""
+    keys = {}
+    for name, scope in (("central-station", "telemetry:read"), ("demo-admin", "admin")):
+        try:
+            keys[scope] = vitalgate(DEMO_DSN, "keys", "add", name, "--scope", scope, timeout=60).strip()
+        except CliError as exc:
+            raise DemoError(str(exc)) from None
+    devices = [device_id(p, n) for p in ("patient_monitor", "pulse_oximeter") for n in range(1, fleet.per_profile.get(p, 0) + 1)]
+    for bed, dev in enumerate(devices[:beds], start=1):
+        body = {"device_id": dev, "patient_ref": f"PT-{1000 + bed}", "location": f"ICU-A/Bed {bed:02d}"}
+        req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/associations", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {keys['admin']}",
+                                              "Content-Type": "application/json"}, method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=10).close()
+        except OSError as exc:
+            _say(f"Could not put {dev} in a bed ({exc}); the page shows it under all locations.")
+            break
+    return keys["telemetry:read"]
 
 
 def ensure_services() -> None:
@@ -235,9 +266,14 @@ async def demo(args: argparse.Namespace) -> int:
     if log.exists():
         shutil.move(log, WORKDIR / "gateway.previous.log")
     client_id = f"vitalgate-demo-{uuid.uuid4().hex[:8]}"
+    http_port = free_port()
+    # --keep serves the central-station page: plain HTTP, bound to this machine only
+    page_env = {"VITALGATE_HTTP_ENABLED": "true", "VITALGATE_HTTP_PORT": str(http_port),
+                "VITALGATE_HTTP_ALLOW_PLAINTEXT": "true"} if args.keep else {}
     gw = GatewayProcess(
         log, database_url=DEMO_DSN, mqtt_url=MQTT_URL, client_id=client_id, gateway_id="demo",
-        profiles_dir=PROFILES, env={"VITALGATE_LOG_LEVEL": "INFO", "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true"},
+        profiles_dir=PROFILES, metrics_port=free_port(),
+        env={"VITALGATE_LOG_LEVEL": "INFO", "VITALGATE_AUTH_REQUIRE_REGISTRATION": "true", **page_env},
     )
     fleet: Fleet | None = None
     conn: asyncpg.Connection | None = None
@@ -265,12 +301,22 @@ async def demo(args: argparse.Namespace) -> int:
              + f"), each device reporting at its profile's intervals (oximeters and monitors every second), "
              f"for {args.seconds:.0f} s.")
         conn = await _connect(DEMO_DSN)
+        if args.keep:  # Ctrl-C is for this process (and the gateway, which drains on it), not the publishers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         await asyncio.to_thread(fleet.start)
+        interrupted = asyncio.Event()
+        if args.keep:
+            key = await asyncio.to_thread(open_station, fleet, http_port)
+            _say(f"\nCentral station: http://127.0.0.1:{http_port}/ui/?ward=ICU-A/\nAPI key (telemetry:read): {key}\n"
+                 "Running until Ctrl-C.\n")
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
         t0 = time.monotonic()
         prev = (t0, 0, 0)
         tty = sys.stdout.isatty()
         while True:
             await asyncio.sleep(1.0)
+            if interrupted.is_set():
+                break
             fleet.check()
             if not gw.alive():
                 raise DemoError(f"the gateway exited with code {gw.proc.returncode} during the demo")
@@ -282,10 +328,12 @@ async def demo(args: argparse.Namespace) -> int:
             prev = (now, c["ingests"], c["readings"])
             line = _line(now - t0, pub, c, rate, rrate)
             print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", flush=True)
-            if now - t0 >= args.seconds:
+            if not args.keep and now - t0 >= args.seconds:
                 break
         if tty:
             print()
+        if args.keep:
+            return await _stop_kept(gw, fleet, conn, t0)
         fleet.stop()
         if not await asyncio.to_thread(fleet.join, 60.0):
             raise DemoError("the fleet did not stop within 60 s")
@@ -338,6 +386,24 @@ async def demo(args: argparse.Namespace) -> int:
             pass
 
 
+async def _stop_kept(gw: GatewayProcess, fleet: Fleet, conn: asyncpg.Connection, t0: float) -> int:
+    """After Ctrl-C with --keep: the gateway got it too (same terminal) and drains by itself;
+    it gets SIGTERM only if it did not. What the fleet published meanwhile stays unread."""
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+    fleet.stop()
+    if not await asyncio.to_thread(fleet.join, 60.0):
+        raise DemoError("the fleet did not stop within 60 s")
+    try:
+        code = await asyncio.to_thread(gw.proc.wait, 10.0)
+    except subprocess.TimeoutExpired:
+        code = await asyncio.to_thread(gw.stop, 60.0)
+    if code != 0:
+        raise DemoError(f"the gateway exited with code {code} after Ctrl-C (expected 0)")
+    _say("Gateway drained and exited with code 0.")
+    _print_summary(await _summary(conn, time.monotonic() - t0), fleet.stats())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the fleet runs (default %(default)s)")
@@ -346,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--malformed", type=float, default=0.003,
                     help="probability per envelope of an extra malformed payload (default %(default)s)")
     ap.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait for the last commits")
+    ap.add_argument("--keep", action="store_true",
+                    help="serve the central-station page and run until Ctrl-C (prints its URL and an API key)")
     args = ap.parse_args(argv)
     try:
         return asyncio.run(demo(args))

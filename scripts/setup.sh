@@ -16,7 +16,9 @@ PYTHON3="${PYTHON3:-python3}"
 EXTRAS="${EXTRAS:-dev}"
 VENV=.venv
 STAMP="$VENV/.vitalgate-${EXTRAS//,/-}.stamp"
-APT_PACKAGES=(postgresql-15 postgresql-client-15 mosquitto mosquitto-clients prometheus)
+# chromium: the headless browser of the page's test (driven by Playwright from the dev extra);
+# prometheus: promtool, which checks the alert rules
+APT_PACKAGES=(postgresql-15 postgresql-client-15 mosquitto mosquitto-clients prometheus chromium)
 
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }

@@ -29,6 +29,7 @@ from .api import CORRELATION_HEADER, ERROR_WORDS, OPERATIONS, ApiError, ErrorBod
 from .auth import RateLimiter, Registry
 from .context import CONTEXT, CORRELATION, PRINCIPAL, Context
 from .openapi import document
+from .ui import add_ui_routes
 
 __all__ = ["HttpSource", "build", "server_ssl_context"]
 
@@ -150,6 +151,7 @@ def build_app(ctx: Context) -> web.Application:
     for op in OPERATIONS:
         route = _PATH_PARAM.sub(lambda m: "{" + m.group(1) + ":[^/]+}", op.path)
         app.router.add_route(op.method, route, _guard(op))
+    add_ui_routes(app)
     return app
 
 
