@@ -37,9 +37,8 @@ import yaml
 from prometheus_client import generate_latest
 
 from gateway.metrics import Metrics
-from tests.gwproc import REPO, GatewayProcess, Publisher
-from tests.services import Mosquitto, PostgresCluster
-from tests.util import await_for
+from tests.harness import REPO, GatewayProcess, Mosquitto, PostgresCluster, await_for
+from tests.integration.support import Publisher
 
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARDS = {"ward-overview.json": "Ward overview", "patient-trends.json": "Patient trends", "gateway.json": "Gateway"}
@@ -193,7 +192,8 @@ async def test_every_query_returns_rows_of_its_columns_on_real_data(pg_cluster: 
                                                                     tmp_path: Path):
     name = f"grafana_{time.monotonic_ns() % 10**10}"
     dsn = pg_cluster.create_database(name)
-    gw = GatewayProcess(tmp_path / "gw", db_dsn=dsn, mqtt_url=mosquitto.url, client_id=f"grafana-{time.monotonic_ns()}")
+    gw = GatewayProcess(tmp_path / "gw" / "gateway.log", database_url=dsn, mqtt_url=mosquitto.url,
+                        client_id=f"grafana-{time.monotonic_ns()}")
     try:
         gw.start()  # migrates the schema
         now_ms = int(time.time() * 1000)

@@ -34,10 +34,9 @@ import orjson
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.gwproc import REPO, Publisher
-from tests.integration.https_support import HttpsGateway, cli
-from tests.services import Mosquitto, PostgresCluster
-from tests.util import wait_for
+from tests.harness import REPO, Mosquitto, PostgresCluster, wait_for
+from tests.harness.https import HttpsGateway, cli
+from tests.integration.support import Publisher
 
 pytestmark = pytest.mark.integration
 
@@ -241,8 +240,9 @@ def _run_page(page: Page, gw: HttpsGateway, side: Bedside, out: Path) -> None:
     expect(page.locator("#detail")).to_be_visible()
     expect(page.locator("#detail-title")).to_have_text(f"{WARD}Bed 01")
     for canvas, at_least in (("#ecg", 1000), ("#pleth", 500)):  # 4 s of trace
-        page.wait_for_function(f"document.querySelector('{canvas}').dataset.samples > {at_least}",
-                               timeout=DEADLINE_MS)
+        # read from here, not evaluated in the page: the page's CSP refuses string evaluation
+        wait_for(lambda c=canvas, n=at_least: int(page.locator(c).get_attribute("data-samples") or 0) > n,
+                 timeout=DEADLINE_MS / 1000, message=f"{canvas}: fewer than {at_least} samples drawn")
 
     shot = out / "central-station.png"
     page.screenshot(path=str(shot), animations="disabled")
