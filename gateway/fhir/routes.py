@@ -6,6 +6,7 @@ Errors are OperationOutcome resources (``outcome``), the authentication's includ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import weakref
@@ -96,7 +97,7 @@ async def get_metadata(request: web.Request) -> web.StreamResponse:
 
 
 def _page_kind(q: ObservationQuery) -> str:
-    return "fhir:" + hashlib.sha256(q.canonical().encode()).hexdigest()[:16]
+    return "fhir:" + hashlib.sha256(q.raw.encode()).hexdigest()[:16]
 
 
 @interaction("Observation", "search-type", f"{BASE}/Observation", "fhirSearchObservation",
@@ -115,10 +116,11 @@ async def search_observations(request: web.Request) -> web.StreamResponse:
     start = None
     if q.page is not None:
         try:
-            key, _ = decode_cursor(_page_kind(q), q.page, (int, str, str, int, int))
+            key, _ = decode_cursor(_page_kind(q), q.page, (int, str, str, int, int, int, int))
         except CursorError:
             raise ApiError(400, f"{PAGE_PARAM}: not a page of this search") from None
-        start = ObsKey(*key)
+        start = ObsKey(*key[:5])
+        q = dataclasses.replace(q, frm=key[5], to=key[6])  # the window of the first page, whatever the clock says
 
     async def run() -> tuple[list[dict[str, Any]], ObsKey | None, list[str]]:
         async with read.store.pool.acquire() as conn:
@@ -141,7 +143,7 @@ async def search_observations(request: web.Request) -> web.StreamResponse:
     links = [{"relation": "self", "url": str(request.url)}]
     if following is not None:
         token = encode_cursor(_page_kind(q), [following.t, following.device_id, following.group,
-                                              following.ingest_id, following.n])
+                                              following.ingest_id, following.n, q.frm, q.to])
         links.append({"relation": "next", "url": str(request.url.with_query([*own, (PAGE_PARAM, token)]))})
     return fhir_response(200, {
         "resourceType": "Bundle", "type": "searchset", "link": links,

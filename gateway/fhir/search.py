@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.model import DEVICE_ID_PATTERN
 
-__all__ = ["OBSERVATION_PARAMS", "PAGE_PARAM", "SearchError", "ObservationQuery", "parse_observation_query",
+__all__ = ["OBSERVATION_PARAMS", "PAGE_PARAM", "PAGE_SCHEMA", "SearchError", "parse_codes", "ObservationQuery", "parse_observation_query",
            "parse_reference", "DEFAULT_COUNT", "MAX_COUNT", "DEFAULT_WINDOW_MS", "MAX_MS"]
 
 DEFAULT_COUNT = 100
@@ -71,10 +71,7 @@ class ObservationQuery:
     desc: bool = False
     page: str | None = None
 
-    def canonical(self) -> str:
-        """The query without its page: what a page token is bound to."""
-        codes = ",".join(f"{s or ''}|{c}" for s, c in self.codes)
-        return f"{self.subject[0]}={self.subject[1]}&code={codes}&from={self.frm}&to={self.to}&desc={self.desc}"
+    raw: str = ""  # the parameters as given, without the page: what a page token is bound to
 
 
 def parse_reference(kind: str, text: str) -> str:
@@ -110,7 +107,7 @@ def _date_bound(text: str) -> tuple[str, int]:
     return {"ge": ("from", lo), "gt": ("from", hi), "le": ("to", hi), "lt": ("to", lo)}[prefix]
 
 
-def _codes(text: str) -> list[tuple[str | None, str]]:
+def parse_codes(text: str) -> list[tuple[str | None, str]]:
     out: list[tuple[str | None, str]] = []
     for token in text.split(","):
         system, bar, code = token.rpartition("|")
@@ -162,6 +159,7 @@ def parse_observation_query(query: Mapping[str, Sequence[str]], now_ms: int) -> 
     page = query.get(PAGE_PARAM, [None])[0]
     if page is not None and not 1 <= len(page) <= 512:
         raise SearchError(f"{PAGE_PARAM}: not a page of this search")
-    codes = _codes(query["code"][0]) if "code" in query else []
+    codes = parse_codes(query["code"][0]) if "code" in query else []
+    raw = "&".join(f"{k}={v}" for k in sorted(query) if k not in (PAGE_PARAM, "_count") for v in query[k])
     return ObservationQuery(subject=subject, codes=codes, frm=frm, to=max(frm, to), count=count,
-                            desc=sort == "-date", page=page)
+                            desc=sort == "-date", page=page, raw=raw)
