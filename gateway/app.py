@@ -14,6 +14,7 @@ import os
 import signal
 
 from gateway.api import ReadSide  # importing registers the read operations of the HTTPS source
+import gateway.fhir  # noqa: F401 - importing registers the FHIR routes
 from gateway.config import GatewayConfig, pending_budget
 from gateway.errors import SinkError
 from gateway.health import Health

@@ -49,6 +49,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.query": ("gateway.query", "gateway.model", "gateway.config", "gateway.errors", "gateway.retry"),
     "gateway.api": ("gateway.api", "gateway.query", "gateway.config", "gateway.model", "gateway.profiles",
                     "gateway.errors", "gateway.retry", "gateway.sources.http", "gateway.workers"),
+    "gateway.ui": (),  # the page's static files; served by gateway.sources.http.ui
+    # the FHIR facade: read side's rows as FHIR resources, served like the query API
+    "gateway.fhir": ("gateway.fhir", "gateway.api", "gateway.query", "gateway.model", "gateway.profiles",
+                     "gateway.errors", "gateway.retry", "gateway.sources.http"),
     "gateway.pipeline": ("gateway.decode", "gateway.checks", "gateway.model", "gateway.errors", "gateway.metrics",
                          "gateway.profiles", "gateway.sinks", "gateway.registry", "gateway.settings", "gateway.clock",
                          "gateway.evaluate", "gateway.identity", "gateway.batching", "gateway.writepolicy",

@@ -2,9 +2,9 @@
 
 One module per command group registers its parser here: ``run``, ``db``, ``config``,
 ``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``),
-``health``, ``associate`` and ``dissociate``. A command's handler returns its exit status,
-or a coroutine that ``main`` runs to get it: this module is the only one that chooses the
-event loop (uvloop).
+``export``, ``health``, ``associate`` and ``dissociate``. A command's handler returns its exit
+status, or a coroutine that ``main`` runs to get it: this module is the only one that chooses
+the event loop (uvloop).
 
 Exit status: 0 done; 1 refused by the registry's or the holds' state, or another retention
 run is under way, nothing changed (``Refused``); 2 invalid arguments, configuration, input
@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.cli import config, db, devices, health, keys, profiles, replay, run
-from gateway.cli import holds, retention
+from gateway.cli import export, holds, retention
 from gateway.cli.common import ENV_HELP, CommandError, Refused
 from gateway.errors import ConfigError, GatewayError
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     retention.add_parser(sub)
     holds.add_parser(sub)
     health.add_parser(sub)
+    export.add_parser(sub)
     from gateway.query.cli import add_parsers as add_association_parsers
 
     add_association_parsers(sub)

@@ -37,6 +37,8 @@ EXAMPLES = 50
 READ_OPERATIONS = {"GET /v1/devices", "GET /v1/latest", "GET /v1/readings", "GET /v1/waveforms", "GET /v1/alerts",
                    "GET /v1/associations", "POST /v1/associations", "POST /v1/associations/{device_id}/end",
                    "GET /v1/stream"}
+FHIR_OPERATIONS = {"GET /fhir/r4/metadata", "GET /fhir/r4/Observation", "GET /fhir/r4/Observation/{id}",
+                   "GET /fhir/r4/Device/{id}", "GET /fhir/r4/Provenance/{id}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 
@@ -60,7 +62,7 @@ def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
 
 
 def _credential(gw: HttpsGateway, method: str, path: str) -> dict[str, str]:
-    if path == "/openapi.json":
+    if path in ("/openapi.json", "/fhir/r4/metadata"):
         return {}
     if path == "/v1/telemetry":
         secret = gw.tokens["st-1"]
@@ -82,7 +84,7 @@ def test_served_document_holds_for_generated_requests(gw: HttpsGateway, mode: Ge
     seen: dict[str, set[int]] = {}
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {op.label for op in operations} == {"POST /v1/telemetry", "GET /v1/status", "GET /v1/devices/{device_id}",
-                                              "GET /openapi.json", *READ_OPERATIONS}
+                                              "GET /openapi.json", *READ_OPERATIONS, *FHIR_OPERATIONS}
     for op in operations:
         headers = _credential(gw, op.method.upper(), op.path)
         statuses = seen.setdefault(op.label, set())
@@ -104,12 +106,12 @@ def test_served_document_holds_for_generated_requests(gw: HttpsGateway, mode: Ge
             exercise()
         except Exception as exc:
             if "Unsatisfiable" in type(exc).__name__ and mode is GenerationMode.NEGATIVE:
-                continue  # nothing in this operation can be made invalid (GET /openapi.json)
+                continue  # nothing in this operation can be made invalid (GET /openapi.json, metadata)
             raise
     assert all(s < 500 for ss in seen.values() for s in ss), seen
     if mode is GenerationMode.POSITIVE:  # the generated requests reached the handlers, not just the auth
         assert seen["GET /v1/status"] == {200}
         assert seen["POST /v1/telemetry"] & {400, 403}
-        for label in READ_OPERATIONS:
+        for label in READ_OPERATIONS | FHIR_OPERATIONS:
             assert seen[label] & {200, 201, 404, 409}, (label, seen[label])
     assert gw.proc is not None and "Request failed unexpectedly" not in gw.proc.log_text()

@@ -28,6 +28,7 @@ __all__ = [
     "ERROR_WORDS",
     "json_response",
     "CORRELATION_HEADER",
+    "ERROR_RENDERERS",
 ]
 
 CORRELATION_HEADER = "X-Correlation-Id"
@@ -143,9 +144,14 @@ class Operation:
     path_params: dict[str, str] = field(default_factory=dict)  # name -> regex pattern
     query_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> JSON schema (all optional)
     produces: str | None = None  # content type of a non-JSON 200 body (a stream)
+    media_type: str = "application/json"  # content type of its JSON bodies (FHIR: application/fhir+json)
 
 
 OPERATIONS: list[Operation] = []
+
+# path prefix -> renders the error answers under it in that API's own format (status, reason,
+# correlation id, headers); the others get ``ErrorBody``
+ERROR_RENDERERS: dict[str, Callable[[int, str, str, dict[str, str]], web.Response]] = {}
 
 # Answers every operation can give besides its own.
 COMMON_RESPONSES: dict[int, str] = {
@@ -168,6 +174,7 @@ def operation(
     path_params: dict[str, str] | None = None,
     query_params: dict[str, dict[str, Any]] | None = None,
     produces: str | None = None,
+    media_type: str = "application/json",
 ) -> Callable[[Handler], Handler]:
     """Declare a handler as an operation of the API (see the module docstring)."""
 
@@ -188,6 +195,7 @@ def operation(
                 path_params=path_params or {},
                 query_params=query_params or {},
                 produces=produces,
+                media_type=media_type,
             )
         )
         return handler

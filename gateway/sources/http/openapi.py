@@ -139,7 +139,7 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
             resp: dict[str, Any] = {"description": text, "headers": _headers_for(status)}
             schema = _schema_of(tp)
             if schema is not None:
-                resp["content"] = {"application/json": {"schema": schema}}
+                resp["content"] = {op.media_type: {"schema": schema}}
             elif op.produces is not None and status == 200:
                 resp["content"] = {op.produces: {"schema": {"type": "string"}}}
             elif op.operation_id == "getOpenApi" and status == 200:
@@ -153,7 +153,7 @@ def build(cfg: HttpConfig) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Telemetry from connected medical devices (PROTOCOL version 1). Every answer carries "
-                f"`{CORRELATION_HEADER}`; every error body is `ErrorBody`."
+                f"`{CORRELATION_HEADER}`; every error body is `ErrorBody` (under /fhir/r4/: a FHIR OperationOutcome)."
             ),
         },
         "paths": paths,

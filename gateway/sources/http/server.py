@@ -25,7 +25,7 @@ from gateway.metrics import Metrics
 from gateway.sources import Intake, SourceContext, SourceHealth
 
 from . import admin, telemetry  # noqa: F401 - importing registers their operations
-from .api import CORRELATION_HEADER, ERROR_WORDS, OPERATIONS, ApiError, ErrorBody, Operation, json_response, operation
+from .api import CORRELATION_HEADER, ERROR_RENDERERS, ERROR_WORDS, OPERATIONS, ApiError, ErrorBody, Operation, json_response, operation
 from .auth import RateLimiter, Registry
 from .context import CONTEXT, CORRELATION, PRINCIPAL, Context
 from .openapi import document
@@ -65,6 +65,9 @@ def _correlation_id(request: web.Request) -> str:
 
 def _error(request: web.Request, status: int, reason: str, headers: dict[str, str] | None = None,
            errors: list[str] | None = None) -> web.Response:
+    for prefix, render in ERROR_RENDERERS.items():
+        if request.path.startswith(prefix):
+            return render(status, reason, request[CORRELATION], headers or {})
     body = ErrorBody(error=ERROR_WORDS.get(status, "error"), reason=reason, correlation_id=request[CORRELATION],
                      errors=errors or [])
     return json_response(status, body, headers)
