@@ -336,3 +336,42 @@ async def test_ar_parks_with_reason_and_ae_holds_the_patient(db_dsn, broker, gat
     assert _sample(metrics, 'gateway_hl7_messages_total{kind="alarm",outcome="accepted"}') == per_patient
     assert _sample(metrics, 'gateway_hl7_messages_total{kind="alarm",outcome="retried"}') >= 3
     assert _sample(metrics, 'gateway_hl7_acks_total{code="AR"}') == per_patient
+
+
+async def test_rollup_numerics_once_per_patient_and_period(db_dsn):
+    """The periodic job on its own: a period's rollup mean per associated device, the open alert's
+    rule beside it, one row per (patient, period), and nothing more when the job runs again."""
+    from gateway.hl7.outbox import enqueue_numerics
+
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await migrate(conn)
+        base = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+        await conn.execute("INSERT INTO associations (device_id, patient_ref, location, started_at)"
+                           " VALUES ('po-1', 'P1', 'ICU-1', $1), ('po-2', 'P1', 'ICU-1', $1), ('po-9', 'P9', NULL, $1)",
+                           base)
+        await conn.execute("INSERT INTO devices (device_id, profile) VALUES ('po-1', 'pulse_oximeter'),"
+                           " ('po-2', 'pulse_oximeter')")
+        # po-1: two minutes of spo2 (means 90 and 96 -> 93 over the period); po-2: one; po-3 unassociated
+        await conn.execute(
+            "INSERT INTO readings_1m (device_id, metric, bucket, min, max, sum, count) VALUES"
+            " ('po-1', 'spo2', $1, 88, 92, 540, 6), ('po-1', 'spo2', $1 + interval '1 minute', 95, 97, 576, 6),"
+            " ('po-2', 'spo2', $1, 97, 97, 97, 1), ('po-3', 'spo2', $1, 50, 50, 50, 1)", base)
+        await conn.execute("INSERT INTO alerts (device_id, rule, metric, priority, opened_at)"
+                           " VALUES ('po-1', 'spo2_low', 'spo2', 'high', $1)", base)
+        end_ms = _ms(base) + 120_000
+        kw = dict(cadence_ms=120_000, delay_ms=5_000, mode="rollup", catch_up=5)
+        assert await enqueue_numerics(conn, now_ms=end_ms + 5_000, **kw) == 1
+        assert await enqueue_numerics(conn, now_ms=end_ms + 5_000, **kw) == 0  # cursor: nothing due
+        await conn.execute("DELETE FROM hl7_feed_cursor")
+        assert await enqueue_numerics(conn, now_ms=end_ms + 5_000, **kw) == 0  # unique (patient, period)
+        rows = await conn.fetch("SELECT patient_ref, location, period_start, body::text AS body FROM hl7_outbox")
+    finally:
+        await conn.close()
+    assert len(rows) == 1 and rows[0]["patient_ref"] == "P1" and rows[0]["location"] == "ICU-1"
+    body = orjson.loads(rows[0]["body"])
+    assert (body["start"], body["end"]) == (_ms(base), end_ms)
+    assert body["devices"] == [
+        {"device_id": "po-1", "profile": "pulse_oximeter", "alerts": ["spo2_low"], "metrics": {"spo2": [93.0, end_ms]}},
+        {"device_id": "po-2", "profile": "pulse_oximeter", "alerts": [], "metrics": {"spo2": [97.0, end_ms]}},
+    ]
