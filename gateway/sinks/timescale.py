@@ -9,7 +9,8 @@ envelope therefore costs one index probe, and readings need no unique index.
 This module owns the connection pool, the transaction and the rows of envelopes
 (``ingests``, ``readings``, ``waveform_blocks``). The other rows of a batch are written by
 ``quarantine`` (``rejected``) and ``records`` (``alerts``, ``audit_log``) inside the same
-transaction; the storage reads (``known``, ``history``) live in ``timescale_reads``.
+transaction, and, with the HL7 feed on, the alarm rows of ``hl7_outbox`` (``gateway.hl7.outbox``);
+the storage reads (``known``, ``history``) live in ``timescale_reads``.
 """
 
 from __future__ import annotations
