@@ -79,6 +79,7 @@ class Gateway:
             connect_timeout_s=cfg.database.connect_timeout_s,
             command_timeout_s=cfg.database.command_timeout_s,
             run_migrations=cfg.database.migrate,
+            hl7_outbox=cfg.hl7.enabled,
         )
         backoff = Backoff(cfg.retry.initial_s, cfg.retry.max_s)
         while True:
@@ -167,6 +168,11 @@ class Gateway:
             from gateway.retention import schedule
 
             sources.append(asyncio.create_task(schedule(self.config, self.should_exit), name="retention"))
+        if self.config.hl7.enabled:  # every process tries; the one holding the advisory lock sends
+            from gateway.hl7.feed import run_feed
+
+            sources.append(asyncio.create_task(run_feed(self.config, pipeline.profiles, self.metrics,
+                                                        self.should_exit), name="hl7-feed"))
         log.info("Gateway running.", extra={"gateway_id": self.config.gateway_id})
         stop = asyncio.create_task(self.should_exit.wait(), name="exit-wait")
         done, _ = await asyncio.wait({stop, writer, *sources}, return_when=asyncio.FIRST_COMPLETED)

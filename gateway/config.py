@@ -31,6 +31,7 @@ __all__ = [
     "RetentionConfig",
     "LogConfig",
     "HealthConfig",
+    "Hl7Config",
     "GatewayConfig",
     "load",
     "pending_budget",
@@ -179,6 +180,43 @@ class HealthConfig(_Section):
     max_paused_s: PosFloat = 60.0  # /readyz fails when intake has been paused longer than this
 
 
+class Hl7Config(_Section):
+    enabled: bool = False  # the HL7 v2 feed of associated devices to the EHR (one process at a time sends)
+    host: str = "127.0.0.1"  # the interface engine's MLLP listener
+    port: Port = 2575
+    tls: bool = False  # MLLP inside TLS (the engine's certificate verified against tls_ca, else the system CAs)
+    tls_ca: str | None = None
+    tls_cert: str | None = None  # client certificate, when the engine asks for one
+    tls_key: str | None = None
+    tls_server_name: str | None = None  # name checked in the engine's certificate (default: host)
+    sending_application: str = "VITALGATE"  # MSH-3
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    processing_id: Literal["P", "T", "D"] = "P"  # MSH-11: production, training, debugging
+    patient_id_authority: str = ""  # PID-3.4, the assigning authority of associations.patient_ref
+    numerics: Literal["latest", "rollup", "off"] = "latest"  # per period: the latest reading, or the mean of readings_1m
+    cadence_s: Annotated[int, Meta(ge=1)] = 60  # numerics period; rollup: a multiple of 60
+    delay_s: Annotated[float, Meta(ge=0)] = 5.0  # a period is reported this long after its end (late readings)
+    catch_up_periods: PosInt = 60  # after a stop, report at most this many missed periods
+    on_error: Literal["retry", "park"] = "retry"  # ACK AE/CE: send again later, or park with the reason
+    on_reject: Literal["retry", "park"] = "park"  # ACK AR/CR
+    ack_timeout_s: PosFloat = 30.0  # no ACK by then: the connection is dropped and the message resent
+    connect_timeout_s: PosFloat = 10.0
+    retry_initial_s: PosFloat = 1.0  # backoff after a failed connection or an AE/AR to retry
+    retry_max_s: PosFloat = 60.0
+    batch: PosInt = 200  # rows taken from the outbox at a time
+    poll_s: PosFloat = 0.5  # outbox polled this often while empty
+    standby_s: PosFloat = 5.0  # another process sends: try to take over this often
+
+    def __post_init__(self) -> None:
+        if self.numerics == "rollup" and self.cadence_s % 60:
+            raise ValueError(f"hl7.cadence_s ({self.cadence_s}) must be a multiple of 60 with numerics = \"rollup\" "
+                             "(readings_1m holds minutes)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("hl7.tls_cert and hl7.tls_key go together")
+
+
 def _shorter(days: float, other: float) -> bool:
     """``days`` keeps data for less time than ``other`` (0 means forever)."""
     return days != 0 and (other == 0 or days < other)
@@ -208,6 +246,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     retention: RetentionConfig = RetentionConfig()
     log: LogConfig = LogConfig()
     health: HealthConfig = HealthConfig()
+    hl7: Hl7Config = Hl7Config()
 
     def __post_init__(self) -> None:
         sources = self.source_sections()

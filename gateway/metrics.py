@@ -1,7 +1,8 @@
 """Every Prometheus metric the gateway exports, declared in one place, and the port serving them.
 
 Names carry the ``gateway_`` prefix; counters end in ``_total``; labels come from a
-closed set (``source``, ``outcome``, ``reason``, ``flag``, ``event``, ``priority``, ``action``).
+closed set (``source``, ``outcome``, ``reason``, ``flag``, ``event``, ``priority``, ``action``,
+``kind``, ``code``, ``stage``).
 
 The metrics port also answers the health probes (``gateway.health`` gives their routes).
 It is served by threads, not by the event loop, as prometheus_client's own server is: a
@@ -89,6 +90,30 @@ class Metrics:
         self.forward_held = Gauge(
             "gateway_forward_held_messages", "Payloads forwarded to the worker owning their device, not yet committed.",
             registry=r,
+        )
+
+        # the HL7 feed (gateway/hl7): every outcome of every message, and of the connection
+        self.hl7_messages = Counter(
+            "gateway_hl7_messages_total",
+            "HL7 messages settled, by kind (numerics, alarm) and outcome (accepted, retried, parked).",
+            ["kind", "outcome"], registry=r,
+        )
+        self.hl7_acks = Counter("gateway_hl7_acks_total", "Acknowledgements received, by MSA-1 code.", ["code"], registry=r)
+        self.hl7_errors = Counter(
+            "gateway_hl7_transport_errors_total",
+            "Failed MLLP exchanges, by stage (connect, send, ack_timeout, bad_ack); the message is sent again.",
+            ["stage"], registry=r,
+        )
+        self.hl7_enqueued = Counter(
+            "gateway_hl7_numerics_enqueued_total", "Numerics messages written to the outbox by the periodic job.",
+            registry=r,
+        )
+        self.hl7_pending = Gauge("gateway_hl7_outbox_pending", "Outbox rows waiting to be sent (by the sending process).",
+                                 registry=r)
+        self.hl7_connected = Gauge("gateway_hl7_connected", "1 while connected to the HL7 receiver.", registry=r)
+        self.hl7_active = Gauge("gateway_hl7_sender_active", "1 in the one process that sends the outbox.", registry=r)
+        self.hl7_ack_latency = Histogram(
+            "gateway_hl7_ack_latency_seconds", "Message written to its ACK read.", buckets=_LATENCY_BUCKETS, registry=r
         )
 
     def serve(self, host: str, port: int, routes: Mapping[str, Route] | None = None) -> MetricsServer:

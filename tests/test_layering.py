@@ -24,7 +24,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.sources": ("gateway.sources", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics", "gateway.retry",
                         "gateway.registry"),
     "gateway.sinks": ("gateway.sinks", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics",
-                      "gateway.retry", "gateway.decode"),
+                      "gateway.retry", "gateway.decode", "gateway.hl7.outbox"),
+    # the HL7 feed: messages and rendering pure, the outbox's SQL, the sender task
+    "gateway.hl7": ("gateway.hl7", "gateway.model", "gateway.profiles", "gateway.config", "gateway.errors",
+                    "gateway.metrics", "gateway.retry"),
     "gateway.clock": (),
     "gateway.settings": ("gateway.checks", "gateway.config"),
     "gateway.evaluate": ("gateway.decode", "gateway.checks", "gateway.rules", "gateway.model", "gateway.profiles",

@@ -9,7 +9,8 @@ envelope therefore costs one index probe, and readings need no unique index.
 This module owns the connection pool, the transaction and the rows of envelopes
 (``ingests``, ``readings``, ``waveform_blocks``). The other rows of a batch are written by
 ``quarantine`` (``rejected``) and ``records`` (``alerts``, ``audit_log``) inside the same
-transaction; the storage reads (``known``, ``history``) live in ``timescale_reads``.
+transaction, and, with the HL7 feed on, the alarm rows of ``hl7_outbox`` (``gateway.hl7.outbox``);
+the storage reads (``known``, ``history``) live in ``timescale_reads``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncpg
 import numpy as np
 
 from gateway.errors import SinkError
+from gateway.hl7.outbox import enqueue_alarms
 from gateway.retry import DATABASE_ERRORS, WRONG_SERVER_CODES, is_retriable
 from gateway.sinks import History, WriteBatch
 from gateway.sinks import copybin
@@ -74,6 +76,7 @@ class TimescaleSink:
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 60.0,
         run_migrations: bool = True,
+        hl7_outbox: bool = False,
     ) -> None:
         self._dsn = dsn
         self._gateway_id = gateway_id
@@ -81,6 +84,7 @@ class TimescaleSink:
         self._connect_timeout = connect_timeout_s
         self._command_timeout = command_timeout_s
         self._run_migrations = run_migrations
+        self._hl7_outbox = hl7_outbox  # alarm messages of associated devices, with their alerts rows
         self._pool: asyncpg.Pool | None = None
 
     async def start(self) -> None:
@@ -159,6 +163,8 @@ class TimescaleSink:
                 if batch.alerts:
                     alert_ids = batch.alert_ingest_ids if batch.alert_ingest_ids is not None else ids
                     await write_alerts(conn, batch.alerts, alert_ids)
+                    if self._hl7_outbox:
+                        await enqueue_alarms(conn, batch.alerts)
                 await write_audit(conn, batch.audit)
         except DATABASE_ERRORS as exc:
             if getattr(exc, "sqlstate", None) in WRONG_SERVER_CODES:
