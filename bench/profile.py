@@ -163,14 +163,14 @@ async def icu_run(a: argparse.Namespace, pg: Any, mq: Any, work: Path, spy_to: P
         if spy_to is not None:
             spy = Spy(gw.pid, spy_to, a.rate)
         fcfg = beds.icu_fleet_config(mq.url, a.beds, seconds=a.icu_seconds, processes=2, prefix="icu-prof",
-                                     pregenerate=True)
+                                     pregenerate=True, waveform_format=a.waveform_format)
         return await beds.LoadRun(f"icu {a.beds} beds", gw, conn, mq, fcfg, bcfg).run()
 
     r = await beds._with_gateway(gw, dsn, load)
     w = r["window"]
     lat = r["latency"]["reading_to_commit_s"]
     return {"spy_log": spy.stop() if spy else "", "zero_loss": r["zero_loss"], "figures": {
-        "beds": a.beds, "zero loss": r["zero_loss"], "committed envelopes/s": round(w["envelopes_per_s"] or 0),
+        "beds": a.beds, "waveform format": a.waveform_format, "zero loss": r["zero_loss"], "committed envelopes/s": round(w["envelopes_per_s"] or 0),
         "p99 commit latency s": round(lat["p99"], 3) if lat["p99"] is not None else None,
         "gateway CPU us/envelope": round(w.get("gateway_cpu_us_per_envelope") or 0, 1),
         "PG backends CPU us/envelope": round(w.get("pg_backends_cpu_us_per_envelope") or 0, 1),
@@ -227,6 +227,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default="icu,stress", help="comma-separated runs: icu, stress")
     ap.add_argument("--beds", type=int, action="append", help="ICU bed count (repeatable; default 3000)")
     ap.add_argument("--icu-seconds", type=float, default=20.0)
+    ap.add_argument("--waveform-format", choices=("numbers", "f32le", "i16le"), default="numbers",
+                    help="ICU waveform samples as numbers (PROTOCOL 1) or compact binary (1.1)")
     ap.add_argument("--readings", type=int, default=300_000, help="stress readings (10 per envelope)")
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--max-memory-mib", type=int, default=512)
