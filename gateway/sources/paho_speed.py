@@ -206,8 +206,15 @@ def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | 
     success = paho_client.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def one(max_packets: int) -> paho_client.MQTTErrorCode:
-        if on_publish is not None and buf and client._in_packet["command"] == 0:  # noqa: SLF001
-            hit = parse_publish(buf, v5)
+        if on_publish is not None and client._in_packet["command"] == 0:  # noqa: SLF001
+            if not buf and client._sock is not None:  # noqa: SLF001
+                # fill here, or a paced load (a few packets per readiness event) would reach
+                # paho first every time; errors and end of stream: paho's read meets them again
+                try:
+                    buf.extend(client._sock.recv(_READ_SIZE))  # noqa: SLF001
+                except OSError:
+                    pass
+            hit = parse_publish(buf, v5) if buf else None
             if hit is not None:
                 end, topic, payload, qos, mid, content_type = hit
                 del buf[:end]
