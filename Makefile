@@ -3,7 +3,7 @@ PYTHON ?= .venv/bin/python
 PYTEST_ARGS ?=
 BENCH_STAMP := .venv/.vitalgate-bench.stamp
 
-.PHONY: all setup test demo bench bench-peer lint clean distclean
+.PHONY: all setup test demo bench bench-peer profile lint clean distclean
 
 all: test
 
@@ -21,6 +21,10 @@ demo: setup
 
 bench: setup $(BENCH_STAMP)
 	$(PYTHON) -m bench.run
+
+# Where the gateway's CPU goes: the ICU and stress workloads under py-spy (bench/profile.py).
+profile: setup $(BENCH_STAMP)
+	$(PYTHON) -m bench.profile
 
 # The peer comparison (Node-RED 4 + pg, installed with npm into the ignored bench/.peer/).
 bench-peer: setup $(BENCH_STAMP)

@@ -81,6 +81,7 @@ class BedsConfig:
     overload: bool = True
     profile_gateway: bool = False  # the fixed-count/sweep gateway under cProfile; top 40 into the results
     pregenerate: bool = True  # fixed count and sweep: payloads generated before the start (overload: live)
+    waveform_format: str = "numbers"  # samples as numbers (PROTOCOL 1) or compact binary (1.1): f32le, i16le
 
 
 # Pregenerating payloads: CPU seconds per envelope per publisher process (measured ~70 us; margin for a busy machine).
@@ -89,7 +90,7 @@ PREGEN_S_PER_ENVELOPE = 150e-6
 
 def icu_fleet_config(url: str, beds: int, *, seconds: float | None = None, processes: int = 2, seed: int = 11,
                      prefix: str = "icu", flat_out: bool = False, envelopes: int | None = None,
-                     pregenerate: bool = False) -> FleetConfig:
+                     pregenerate: bool = False, waveform_format: str = "numbers") -> FleetConfig:
     """The ICU bed workload (module doc) for ``beds`` beds.
 
     With ``pregenerate`` (paced, ``seconds`` given) every payload is generated before the
@@ -106,6 +107,7 @@ def icu_fleet_config(url: str, beds: int, *, seconds: float | None = None, proce
         interval_s=1.0, flat_out=flat_out, seconds=seconds, envelopes=envelopes, encoding="mixed", mqtt_version="5",
         client="raw", numerics_per_envelope=1, metrics=None, waveforms=True, artifacts=True, respect_intervals=False,
         seed=seed, client_id_prefix=prefix, pregenerate=pregenerate, start_ms=start_ms,
+        waveform_format=waveform_format,
     )
 
 
@@ -491,7 +493,8 @@ async def run_beds(cfg: BedsConfig, pg: Any, mq: Any, work: Path, out: Any = sys
             label = f"icu {beds} beds"
             print(f"icu: {beds:,} beds for {seconds:.0f} s ...", file=out, flush=True)
             fcfg = icu_fleet_config(mq.url, beds, seconds=seconds, processes=cfg.processes,
-                                    prefix=f"icu{len(history)}", seed=11 + len(history), pregenerate=cfg.pregenerate)
+                                    prefix=f"icu{len(history)}", seed=11 + len(history), pregenerate=cfg.pregenerate,
+                                    waveform_format=cfg.waveform_format)
             try:
                 r = await LoadRun(label, gw, conn, mq, fcfg, cfg, out).run()
             except (RuntimeError, TimeoutError) as exc:
@@ -539,7 +542,7 @@ async def run_beds(cfg: BedsConfig, pg: Any, mq: Any, work: Path, out: Any = sys
 
         async def overload(conn: asyncpg.Connection) -> dict[str, Any]:
             fcfg = icu_fleet_config(mq.url, beds, seconds=cfg.overload_s, processes=cfg.processes, prefix="icu-ovl",
-                                    seed=31)
+                                    seed=31, waveform_format=cfg.waveform_format)
             r = await LoadRun(f"overload {beds} beds", gw2, conn, mq, fcfg, cfg, out).run()
             r["peak_rss_hwm_mib"] = rss_mib(gw2.pid, "VmHWM")
             return r

@@ -146,6 +146,9 @@ class FleetConfig:
     # while it runs a publisher only sends (no signal generation or encoding on the machine under test).
     pregenerate: bool = False
     ack_timeout_s: float = 60.0
+    # Waveform samples as numbers (PROTOCOL 1), or the compact binary form of 1.1: "f32le" or "i16le"
+    # (JSON devices send the bytes as base64)
+    waveform_format: str = "numbers"
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.processes < 1:
@@ -156,6 +159,8 @@ class FleetConfig:
             raise ValueError("mqtt_version must be 5 or 3.1.1")
         if self.client not in ("paho", "raw"):
             raise ValueError("client must be paho or raw")
+        if self.waveform_format not in WAVEFORM_FORMATS:
+            raise ValueError(f"waveform_format must be one of {', '.join(WAVEFORM_FORMATS)}")
         if not 0 <= self.malformed <= 1:
             raise ValueError("malformed is a probability")
         if not 1 <= self.window <= 60_000:
@@ -213,15 +218,37 @@ class FleetStats:
 _MSGPACK = msgspec.msgpack.Encoder()
 
 
+_SAMPLE_BYTES = {"f32le": 4, "i16le": 2}
+
+
 def _hz(hz: float) -> float | int:
     return int(hz) if float(hz).is_integer() else hz
 
 
 Rows = list[tuple[int, list[str], list[tuple[Any, ...]], list[tuple[str, list[Any], list[bool]]]]]
-WaveRows = list[tuple[str, Any, int, list[list[float]]]]
+WaveRows = list[tuple[str, Any, int, list[Any], dict[str, Any]]]
+WAVEFORM_FORMATS = ("numbers", "f32le", "i16le")
 
 
-def window_rows(w: Window) -> tuple[Rows, WaveRows]:
+def _compact(samples: np.ndarray, fmt: str) -> tuple[list[bytes], dict[str, Any]]:
+    """One window's samples of every device (rows) in the compact form of PROTOCOL 1.1."""
+    if fmt == "f32le":
+        return [row.tobytes() for row in samples.astype("<f4")], {"format": "f32le"}
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    scale = peak / 32000 if peak > 0 else 1.0  # the window's range on the int16 grid, as an ADC would
+    raw = np.round(samples / scale).astype("<i2")
+    return [row.tobytes() for row in raw], {"format": "i16le", "scale": scale, "offset": 0.0}
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        import base64
+
+        return base64.b64encode(obj).decode()
+    raise TypeError
+
+
+def window_rows(w: Window, waveform_format: str = "numbers") -> tuple[Rows, WaveRows]:
     """A window's arrays as Python lists, once for all devices (``build_envelope`` indexes them)."""
     rows: Rows = []
     for i, (t, values) in enumerate(w.numerics):
@@ -229,7 +256,10 @@ def window_rows(w: Window) -> tuple[Rows, WaveRows]:
         names = [m for m in values if m not in due]
         cols = [values[m].tolist() for m in names]
         rows.append((t, names, list(zip(*cols)) if cols else [], [(m, values[m].tolist(), due[m].tolist()) for m in due]))
-    waves: WaveRows = [(b.metric, _hz(b.hz), b.t0_ms, b.samples.tolist()) for b in w.waveforms]
+    if waveform_format == "numbers":
+        waves: WaveRows = [(b.metric, _hz(b.hz), b.t0_ms, b.samples.tolist(), {}) for b in w.waveforms]
+    else:
+        waves = [(b.metric, _hz(b.hz), b.t0_ms, *_compact(b.samples, waveform_format)) for b in w.waveforms]
     return rows, waves
 
 
@@ -256,9 +286,11 @@ def build_envelope(
     n_samp = 0
     if wave_rows:
         env["waveforms"] = [
-            {"metric": m, "t0": base_ms + t0, "hz": hz, "samples": samples[d]} for m, hz, t0, samples in wave_rows
+            {"metric": m, "t0": base_ms + t0, "hz": hz, "samples": samples[d], **extra}
+            for m, hz, t0, samples, extra in wave_rows
         ]
-        n_samp = sum(len(samples[d]) for _, _, _, samples in wave_rows)
+        n_samp = sum(len(samples[d]) // _SAMPLE_BYTES.get(extra.get("format"), 1)
+                     for _, _, _, samples, extra in wave_rows)
     return env, n_read, n_samp
 
 
@@ -353,7 +385,7 @@ class _Worker:
         mal = self.cfg.malformed
         for pname, group, devs in self.groups:
             w = group.next_window()
-            rows, wave_rows = window_rows(w)
+            rows, wave_rows = window_rows(w, self.cfg.waveform_format)
             win_end = int(round((w.index + 1) * self.cfg.interval_s * 1000))
             for d, dev in enumerate(devs):
                 if dev.quota is not None and dev.quota <= 0:
@@ -365,7 +397,7 @@ class _Worker:
                 dev.seq += 1
                 if dev.quota is not None:
                     dev.quota -= 1
-                payload = orjson.dumps(env) if dev.encoding == "json" else _MSGPACK.encode(env)
+                payload = orjson.dumps(env, default=_json_default) if dev.encoding == "json" else _MSGPACK.encode(env)
                 out.append((dev.offset_ms, dev.topic, payload, dev.encoding, n_read, n_samp, 0))
                 if mal and self.rng.random() < mal:
                     kind = MALFORMED_KINDS[self.bad_kind][0]
@@ -720,6 +752,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--numerics-per-envelope", type=int, default=1)
     ap.add_argument("--metrics", default=None, help="comma-separated numeric metrics to send (default: all)")
     ap.add_argument("--no-waveforms", action="store_true")
+    ap.add_argument("--waveform-format", choices=WAVEFORM_FORMATS, default="numbers",
+                    help="samples as numbers (PROTOCOL 1), or binary float32 / int16 (1.1) (default %(default)s)")
     ap.add_argument("--no-artifacts", action="store_true", help="clean signals only (no probe-off, out of range...)")
     ap.add_argument("--malformed", type=float, default=0.0, help="probability per envelope of an extra malformed one")
     ap.add_argument("--window", type=int, default=10_000, help="max unacknowledged messages per process")
@@ -742,6 +776,7 @@ def config_from_args(a: argparse.Namespace) -> FleetConfig:
         mqtt_version=a.mqtt, client=a.client, numerics_per_envelope=a.numerics_per_envelope,
         metrics=a.metrics.split(",") if a.metrics else None, waveforms=not a.no_waveforms,
         artifacts=not a.no_artifacts, malformed=a.malformed, seed=a.seed, window=a.window,
+        waveform_format=a.waveform_format,
     )
 
 

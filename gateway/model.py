@@ -73,12 +73,20 @@ class Numeric(Struct, frozen=True, gc=False):
 
 
 class Waveform(Struct, frozen=True, gc=False):
-    """One fixed-rate block of samples of one waveform metric; sample i is at t0 + i/hz."""
+    """One fixed-rate block of samples of one waveform metric; sample i is at t0 + i/hz.
+
+    ``samples`` is an array of numbers (version 1) or, in the compact form of version 1.1,
+    binary: little-endian float32 (``format = "f32le"``) or int16 (``"i16le"``, value =
+    ``offset + scale * raw``). ``gateway.decode`` checks which fields go together.
+    """
 
     metric: str
     t0: Timestamp
     hz: Annotated[float, Meta(gt=0)]
-    samples: list[float]
+    samples: list[float] | bytes
+    format: Literal["f32le", "i16le"] | None = None
+    scale: float | None = None
+    offset: float | None = None
 
 
 class Envelope(Struct, frozen=True, gc=False):

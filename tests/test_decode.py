@@ -122,3 +122,49 @@ def test_to_columns_concatenates_envelopes_in_arrival_order():
     assert list(num.env) == [0, 0, 1]
     assert list(num.profile) == ["pulse_oximeter"] * 3
     assert list(wav.device) == ["b"] and list(wav.env) == [1] and list(wav.samples) == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------- compact waveform samples (PROTOCOL 1.1)
+
+def _block(samples: object, **kw: object) -> dict:
+    return {"metric": "pleth", "t0": T, "hz": 125, "samples": samples, **kw}
+
+
+def test_compact_samples_decode_to_the_same_columns_as_numbers():
+    import numpy as np
+
+    values = [0.5, -0.25, 1.0, 0.125]  # exact in float32 and on the int16 grid of 1/1024
+    forms = [
+        _block(values),
+        _block(np.asarray(values, "<f4").tobytes(), format="f32le"),
+        _block((np.asarray(values) * 1024).astype("<i2").tobytes(), format="i16le", scale=1 / 1024),
+        _block(((np.asarray(values) - 1) * 1024).astype("<i2").tobytes(), format="i16le", scale=1 / 1024, offset=1.0),
+    ]
+    cols = []
+    for w in forms:
+        d = decode(msgspec.msgpack.encode(env(waveforms=[w, _block([0.1, 0.2], t0=T + 40)])), content_type=None,
+                   profiles=P)
+        assert d.wav_len == [4, 2]
+        cols.append(to_columns([d], [T])[1])
+    for c in cols[1:]:
+        assert c.samples.dtype == np.float64
+        assert c.samples.tolist() == cols[0].samples.tolist() == values + [0.1, 0.2]
+        assert c.offsets.tolist() == cols[0].offsets.tolist()
+
+
+@pytest.mark.parametrize(("block", "reason"), [
+    (_block(b"\x00\x00\x80\x3f"), "waveforms[0].format: required with binary samples (f32le or i16le)"),
+    (_block(b"\x00\x00\x80", format="f32le"), "waveforms[0].samples: 3 bytes is not a whole number of f32le samples"),
+    (_block(b"\x01\x00\x02", format="i16le", scale=1.0), "waveforms[0].samples: 3 bytes is not a whole number of i16le samples"),
+    (_block(b"\x01\x00", format="i16le"), "waveforms[0].scale: required with format i16le"),
+    (_block(b"\x01\x00", format="i16le", scale=0.0), "waveforms[0].scale: expected a finite number other than 0"),
+    (_block(b"\x01\x00", format="i16le", scale=1.0, offset=float("inf")), "waveforms[0].offset: expected a finite number"),
+    (_block(b"\x00\x00\x80\x3f", format="f32le", scale=2.0), "waveforms[0].scale: only with format i16le"),
+    (_block([0.5], format="f32le"), "waveforms[0].format: only with binary samples"),
+    (_block([0.5], scale=2.0), "waveforms[0].scale: only with binary samples"),
+    (_block(b"", format="f32le"), "waveforms[0].samples: must not be empty"),
+    (_block(b"\x00\x00\x80\x3f", format="f64le"), "waveforms[0].format: invalid enum value 'f64le'"),
+    (_block("text"), "waveforms[0].samples: expected array of numbers or binary, got string"),
+])
+def test_compact_samples_rejects_name_the_field(block: dict, reason: str):
+    assert reject(msgspec.msgpack.encode(env(waveforms=[block]))).reason == reason

@@ -31,7 +31,7 @@ from gateway.sinks import timescale_reads as reads
 from gateway.sinks.pooled import connection
 from gateway.sinks.quarantine import write_rejected
 from gateway.sinks.records import write_alerts, write_audit
-from gateway.sinks.rollups import write_rollups
+from gateway.sinks.rollups import prepare_connection, write_rollups
 from gateway.sinks.schema import migrate
 
 __all__ = ["TimescaleSink"]
@@ -58,6 +58,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     # readings are COPYed with time as microseconds since 2000 (see copybin); no query of
     # this pool reads a timestamptz column back (times come out as epoch-ms bigint).
     await conn.set_type_codec(**copybin.TIMESTAMPTZ_AS_US)
+    await prepare_connection(conn)  # the rollups' staging table
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

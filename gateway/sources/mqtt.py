@@ -155,27 +155,27 @@ class MqttSource:
         inner.on_message = self._on_message
         inner.disable_logger()
         inner.max_inflight_messages_set(1000)  # alert publications in flight at once (paho's default: 20)
-        paho_speed.buffer_reads(inner, keep_reading=self._gate.reading)
+        paho_speed.buffer_reads(inner, keep_reading=self._gate.reading, on_publish=self._on_publish)
         self._gate.hook(client, inner)
         return client
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+        """Packets paho parsed itself (``paho_speed`` hands the plain ones to ``_on_publish``)."""
+        props = getattr(msg, "properties", None)
+        self._on_publish(msg.topic, msg.payload, msg.qos, msg.mid, getattr(props, "ContentType", None))
+
+    def _on_publish(self, topic: str, payload: bytes, qos: int, mid: int, content_type: str | None) -> None:
         if not self._taking:
             return  # not acknowledged: the broker keeps it for the next session
-        topic = msg.topic
         device_id = None
         if topic.startswith(self._prefix) and topic.endswith(self._suffix):
             device_id = topic[len(self._prefix): len(topic) - len(self._suffix)] or None
-        content_type = None
-        props = getattr(msg, "properties", None)
-        if props is not None:
-            content_type = getattr(props, "ContentType", None)
         ack = None
-        if msg.qos > 0:
-            ack = self._acks.track(msg.mid, msg.qos)
+        if qos > 0:
+            ack = self._acks.track(mid, qos)
         self._submit(
             RawMessage(
-                payload=msg.payload,
+                payload=payload,
                 source="mqtt",
                 principal=device_id,
                 topic_or_path=topic,

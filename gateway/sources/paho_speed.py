@@ -12,7 +12,14 @@
    queued alert publications answer each next one at once), and a drain that never
    returns starves the writer of the loop.
 
-Both keep paho's behaviour and error handling; ``tests/sources/test_paho_speed.py``
+3. PUBLISH packets: with ``on_publish`` given, a complete QoS 0/1 PUBLISH at the head of
+   the read buffer whose property block is empty or a lone content type is parsed here
+   (``parse_publish``) and handed over as (topic, payload, qos, packet id, content type),
+   without paho's ``MQTTMessage``, property objects, topic matcher and locks. Anything
+   else (other packets, QoS 2, other properties, a packet cut by the buffer's end, a
+   packet paho has begun) is left to paho, which reads it from the same buffer.
+
+All keep paho's behaviour and error handling; ``tests/sources/test_paho_speed.py``
 checks them against paho's own parsing. They rely on paho internals (``_packet``,
 ``_sock_recv``, ``loop_read``), hence the exact ``paho-mqtt`` pin in pyproject.toml.
 
@@ -36,11 +43,13 @@ import paho.mqtt.client as paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-__all__ = ["FastProperties", "install", "buffer_reads"]
+__all__ = ["FastProperties", "install", "buffer_reads", "parse_publish", "OnPublish"]
 
 _PROTO = Properties(PacketTypes.PUBLISH)
 _READ_SIZE = 65536
 _PACKETS_PER_TURN = 1000
+_PUBLISH = 0x30  # packet type (high nibble)
+_CONTENT_TYPE = 0x03  # MQTT 5 property identifier
 log = logging.getLogger("gateway.sources.mqtt")
 
 
@@ -65,6 +74,72 @@ class FastProperties(Properties):
         return super().unpack(buffer)
 
 
+def parse_publish(buf: bytearray, v5: bool) -> tuple[int, str, bytes, int, int, str | None] | None:
+    """The PUBLISH (QoS 0 or 1) at the head of ``buf`` when it is complete and plain:
+    ``(packet length, topic, payload, qos, packet id, content type)``. ``None`` for anything
+    else (another packet, an incomplete one, QoS 2, properties other than a content type,
+    a topic that is not UTF-8): paho's own parser takes those."""
+    n = len(buf)
+    if n < 2 or buf[0] & 0xF0 != _PUBLISH:
+        return None
+    qos = (buf[0] >> 1) & 3
+    if qos > 1:
+        return None
+    # remaining length: 1 to 4 bytes, 7 bits each
+    length = 0
+    mult = 1
+    pos = 1
+    while True:
+        if pos >= n or pos > 4:
+            return None
+        byte = buf[pos]
+        length += (byte & 0x7F) * mult
+        pos += 1
+        if not byte & 0x80:
+            break
+        mult <<= 7
+    end = pos + length
+    if end > n or length < 2:
+        return None
+    tlen = (buf[pos] << 8) | buf[pos + 1]
+    pos += 2
+    if pos + tlen > end:
+        return None
+    try:
+        topic = buf[pos:pos + tlen].decode()
+    except UnicodeDecodeError:
+        return None
+    pos += tlen
+    mid = 0
+    if qos:
+        if pos + 2 > end:
+            return None
+        mid = (buf[pos] << 8) | buf[pos + 1]
+        pos += 2
+    content_type = None
+    if v5:
+        if pos >= end:
+            return None
+        plen = buf[pos]
+        if plen & 0x80:
+            return None  # a property block of 128 bytes or more: paho's parser
+        pos += 1
+        if plen:
+            # only a lone content type is handled here
+            if buf[pos] != _CONTENT_TYPE or plen < 3:
+                return None
+            clen = (buf[pos + 1] << 8) | buf[pos + 2]
+            if 3 + clen != plen or pos + plen > end:
+                return None
+            try:
+                content_type = buf[pos + 3:pos + plen].decode()
+            except UnicodeDecodeError:
+                return None
+            pos += plen
+    return end, topic, bytes(buf[pos:end]), qos, mid, content_type
+
+
+OnPublish = Callable[[str, bytes, int, int, "str | None"], None]  # topic, payload, qos, packet id, content type
 _installed = False
 
 
@@ -77,13 +152,18 @@ def install() -> None:
         _installed = True
 
 
-def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | None = None) -> None:
+def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | None = None,
+                 on_publish: OnPublish | None = None) -> None:
     """Give ``client`` a read buffer; call before connecting. Each connection needs a new client.
 
     ``keep_reading``: asked before each further packet of one readiness event; False stops
     there (reads paused), leaving the rest in the buffer for the next ``loop_read()``.
     Without it, a packet completed by a fresh ``recv`` refills the buffer and the drain
     goes on as long as the socket has data.
+
+    ``on_publish``: called for the plain PUBLISH packets parsed here (see the module
+    docstring) instead of paho's ``on_message``; the client's protocol decides whether a
+    property block is expected.
     """
     buf = bytearray()
     original_loop_read = client.loop_read
@@ -122,8 +202,29 @@ def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | 
             except Exception as exc:  # noqa: BLE001 - as a reader callback would; paho reports socket errors itself
                 log.warning("MQTT read failed.", extra={"error": repr(exc)})
 
+    v5 = client._protocol == paho_client.MQTTv5  # noqa: SLF001
+    success = paho_client.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def one(max_packets: int) -> paho_client.MQTTErrorCode:
+        if on_publish is not None and client._in_packet["command"] == 0:  # noqa: SLF001
+            if not buf and client._sock is not None:  # noqa: SLF001
+                # fill here, or a paced load (a few packets per readiness event) would reach
+                # paho first every time; errors and end of stream: paho's read meets them again
+                try:
+                    buf.extend(client._sock.recv(_READ_SIZE))  # noqa: SLF001
+                except OSError:
+                    pass
+            hit = parse_publish(buf, v5) if buf else None
+            if hit is not None:
+                end, topic, payload, qos, mid, content_type = hit
+                del buf[:end]
+                client._last_bytes_received = paho_client.time_func()  # noqa: SLF001 - paho's keepalive clock
+                on_publish(topic, payload, qos, mid, content_type)
+                return success
+        return original_loop_read(max_packets)
+
     def loop_read(max_packets: int = 1) -> paho_client.MQTTErrorCode:
-        rc = original_loop_read(max_packets)
+        rc = one(max_packets)
         packets = 1
         while rc == paho_client.MQTTErrorCode.MQTT_ERR_SUCCESS and buf and client._sock is not None:  # noqa: SLF001
             if keep_reading is not None and not keep_reading():
@@ -132,7 +233,7 @@ def buffer_reads(client: paho_client.Client, keep_reading: Callable[[], bool] | 
                 if not later:  # the rest of the buffer on the next turn, after other tasks ran
                     later.append(asyncio.get_running_loop().call_soon(go_on))
                 break
-            rc = original_loop_read(max_packets)
+            rc = one(max_packets)
             packets += 1
         return rc
 

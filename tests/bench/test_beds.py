@@ -102,19 +102,28 @@ def test_parse_publishes_counts_whole_packets_and_keeps_the_rest() -> None:
 
 def test_targets_report_each_figure() -> None:
     results = {
-        "stress": {"runs": [{"mode": "live", "zero_loss": True, "ratio_to_raw_copy": 0.61,
-                             "window": {"gateway_cpu_us_per_reading": 3.0, "pg_backends_cpu_us_per_reading": 4.0}}]},
-        "icu": {"config": {"overload_s": 60.0}, "sweep_max_beds": 3500,
+        "stress": {"runs": [{"mode": "live", "zero_loss": True, "ratio_to_raw_copy": 0.81,
+                             "window": {"gateway_cpu_us_per_reading": 1.9, "pg_backends_cpu_us_per_reading": 4.0}},
+                            {"mode": "backlog", "zero_loss": True, "ratio_to_raw_copy": 0.79,
+                             "window": {"gateway_cpu_us_per_reading": 2.1, "pg_backends_cpu_us_per_reading": 4.0}}]},
+        "icu": {"config": {"overload_s": 60.0}, "sweep_max_beds": 8500,
                 "steps": [{"label": "icu 3000 beds", "beds": 3000, "zero_loss": True,
-                           "latency": {"reading_to_commit_s": {"p99": 0.5}}},
-                          {"label": "icu 3500 beds", "beds": 3500, "zero_loss": True,
-                           "latency": {"reading_to_commit_s": {"p99": 0.8}}}],
+                           "latency": {"reading_to_commit_s": {"p99": 0.5}},
+                           "window": {"gateway_cpu_us_per_envelope": 65.0, "pg_backends_cpu_us_per_envelope": 90.0}},
+                          {"label": "icu 8500 beds", "beds": 8500, "zero_loss": True,
+                           "latency": {"reading_to_commit_s": {"p99": 0.8}},
+                           "window": {"gateway_cpu_us_per_envelope": 75.0, "pg_backends_cpu_us_per_envelope": 90.0}}],
                 "overload": {"zero_loss": False, "passed": False, "peak_rss_mib": 300.0, "max_memory_mib": 512,
                              "drain_s": 12.0}},
     }
-    t = {x["target"].split(":")[0]: x for x in run.targets(results)}
-    assert t["stress live"]["met"]
-    assert any(x["met"] and "3500" in x["figure"].replace(",", "") for x in run.targets(results))
+    met = {x["target"]: x["met"] for x in run.targets(results)}
+    assert met["stress live: rate >= 0.8 x raw single-connection COPY"]
+    assert not met["stress backlog: rate >= 0.8 x raw single-connection COPY"]
+    assert met["stress live: gateway CPU per reading <= 0.5 x the PostgreSQL backends'"]
+    assert not met["stress backlog: gateway CPU per reading <= 0.5 x the PostgreSQL backends'"]
+    assert met["icu 3000 beds: gateway CPU per ICU envelope <= 70 us and <= the PostgreSQL backends'"]
+    assert not met["icu 8500 beds: gateway CPU per ICU envelope <= 70 us and <= the PostgreSQL backends'"]
+    assert any(x["met"] and "8500" in x["figure"].replace(",", "") for x in run.targets(results))
     zero = [x for x in run.targets(results) if x["target"].startswith("zero loss")][0]
     assert not zero["met"] and "overload" in zero["figure"]
 

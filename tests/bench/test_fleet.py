@@ -117,3 +117,27 @@ def test_consecutive_envelopes_of_a_device_are_contiguous_in_time() -> None:
             for a, b in zip(blocks, blocks[1:]):
                 assert abs(b.t0 - (a.t0 + len(a.samples) * 1000 / a.hz)) < 1, (did, metric)
         assert all(e.sent_at >= max(n.t for n in e.numerics) for e in envs)
+
+
+@pytest.mark.parametrize("fmt", ["f32le", "i16le"])
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_compact_waveforms_decode_to_the_counted_samples_close_to_the_numbers(encoding: str, fmt: str) -> None:
+    import numpy as np
+
+    from gateway.decode import to_columns
+
+    def columns(waveform_format: str) -> tuple[int, np.ndarray]:
+        w = _worker(encoding=encoding, malformed=0.0, artifacts=False, waveform_format=waveform_format)
+        ds, counted = [], 0
+        for _, topic, payload, _enc, _n_read, n_samp, _bad in w.window_messages(1_764_187_200_000):
+            ds.append(decode(payload, content_type=None, profiles=PROFILES, topic_device_id=topic.split("/")[1]))
+            counted += n_samp
+        wav = to_columns(ds, [0] * len(ds))[1]
+        assert len(wav.samples) == counted > 0
+        return counted, wav.samples
+
+    n, numbers = columns("numbers")
+    m, compact = columns(fmt)
+    assert n == m
+    peak = np.abs(numbers).max()
+    assert np.abs(compact - numbers).max() <= (peak / 32000 if fmt == "i16le" else 1e-6 * peak)
