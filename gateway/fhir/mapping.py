@@ -232,7 +232,7 @@ def _quantity(value: float, spec: MetricSpec | None) -> dict[str, Any]:
 
 
 def _interpretation(flags: int) -> list[dict[str, Any]]:
-    codings = [{"system": FLAG_SYSTEM, "code": f.name, "display": _FLAG_TEXT[f]} for f in Flag if flags & f]
+    codings = [{"system": FLAG_SYSTEM, "code": f.name, "display": _FLAG_TEXT.get(f, f.name)} for f in Flag if flags & f]
     return [{"coding": codings, "text": "quality flags"}] if codings else []
 
 
