@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 _LOG_ALERTS_MAX = 20  # alert events logged one by one per batch; beyond, one summary line
 
 AlertPublisher = Callable[[Sequence[AlertEvent]], None]
-# (the committed batch, the ingest id per envelope: None where it was stored before)
+# Called with the committed batch (new envelopes' numeric and waveform columns with their flags,
+# the alert events) and the ingest id per envelope (None: stored before, not in the database
+# twice), after every commit, in commit order, from the writer: it must be O(batch), never block.
 CommitListener = Callable[[WriteBatch, Sequence[int | None]], None]
 _Committed = tuple[Batch, WriteBatch, dict[Key, int], list[int | None]]
 

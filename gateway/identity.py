@@ -10,11 +10,14 @@ per envelope. Every ``IdentityError`` becomes an ``AuditEvent`` written with its
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 
 from gateway.errors import IdentityError
 from gateway.model import AuditEvent, RawMessage
 from gateway.registry import Registry
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Identity", "denied_event"]
 
@@ -60,3 +63,10 @@ def denied_event(raw: RawMessage, exc: IdentityError) -> AuditEvent:
         correlation_id=hashlib.sha256(raw.payload).hexdigest(),  # = rejected.payload_sha256
         detail={"reason": exc.reason, "source": raw.source, "topic_or_path": raw.topic_or_path},
     )
+
+
+def log_unwritten(event: AuditEvent) -> None:
+    """Keep in the log an audit event that came after the writer finished (shutdown)."""
+    log.warning("Audit event after the writer finished; logged here only.",
+                extra={"action": event.action, "actor": event.actor, "target": event.target, "outcome": event.outcome,
+                       "source_addr": event.source_addr, "at": event.at_ms, "correlation_id": event.correlation_id})

@@ -27,7 +27,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.decode import Decoded, decode
 from gateway.errors import IdentityError, RejectError, SinkError
 from gateway.evaluate import Evaluator, Key, key_of
-from gateway.identity import Identity, denied_event
+from gateway.identity import Identity, denied_event, log_unwritten
 from gateway.metrics import Metrics
 from gateway.model import AlertEvent, AuditEvent, RawMessage
 from gateway.profiles import Profile
@@ -41,6 +41,8 @@ from gateway.writepolicy import WritePolicy
 __all__ = ["PipelineSettings", "Pipeline"]
 
 log = logging.getLogger(__name__)
+
+
 class Pipeline:
     """The ingestion pipeline of one gateway process.
 
@@ -62,8 +64,6 @@ class Pipeline:
         self._identity = Identity(registry, require_registration=settings.require_registration,
                                   default_profile=settings.default_profile)
         self.profiles = profiles
-        self.registry = registry
-        self.sink = sink
         self.store = store if store is not None else cast(StateStore, sink)
         self.settings = s = settings
         self.metrics = metrics or Metrics()
@@ -105,8 +105,7 @@ class Pipeline:
 
     @property
     def write_error(self) -> tuple[SinkError, float] | None:
-        """The latest failed commit while no commit has succeeded since, and how long
-        commits have been failing (seconds); None while the database takes them."""
+        """The latest failed commit and for how long commits have failed (s); None while they succeed."""
         return self._policy.failing()
 
     @property
@@ -118,12 +117,7 @@ class Pipeline:
         self._acks.publishers.append(publish)
 
     def add_commit_listener(self, listen: CommitListener) -> None:
-        """Call ``listen(batch, ingest_ids)`` after every commit, in commit order, from the writer.
-
-        ``batch`` holds the new envelopes' numeric and waveform columns with their flags, and
-        the alert events; rows of an envelope whose id is ``None`` were stored before and are
-        not in the database twice. The call must be quick (O(batch)) and never block.
-        """
+        """Call ``listen(batch, ingest_ids)`` after every commit, in commit order (``acks.CommitListener``)."""
         self._acks.listeners.append(listen)
 
     def validate(self, raw: RawMessage) -> Decoded:
@@ -140,12 +134,9 @@ class Pipeline:
         Taken while draining too; once the writer has finished, the event is logged instead.
         """
         if self._audit_closed:
-            log.warning("Audit event after the writer finished; logged here only.",
-                        extra={"action": event.action, "actor": event.actor, "target": event.target,
-                               "outcome": event.outcome, "source_addr": event.source_addr, "at": event.at_ms,
-                               "correlation_id": event.correlation_id})
-            return
-        self._batcher.audit(event)
+            log_unwritten(event)
+        else:
+            self._batcher.audit(event)
 
     def submit(self, raw: RawMessage) -> None:
         """Take one payload. Never raises for bad data: a reject is stored and acked like the rest."""
@@ -168,9 +159,8 @@ class Pipeline:
         self._batcher.filled(batch)
 
     def quarantine(self, raw: RawMessage, exc: RejectError) -> None:
-        """Take a payload refused by the source itself (identity, authorization): stored in
-        ``rejected`` and acknowledged after commit like any other reject. An ``IdentityError``
-        is also written to ``audit_log`` under its ``action``."""
+        """Take a payload the source refused (identity, authorization): stored in ``rejected``, acked
+        after commit; an ``IdentityError`` is also written to ``audit_log`` under its ``action``."""
         batch = self._take(raw)
         self._reject(batch, raw, exc)
         self._batcher.filled(batch)
@@ -178,9 +168,7 @@ class Pipeline:
     def _take(self, raw: RawMessage) -> Batch:
         if self._stopping:
             raise RuntimeError("pipeline is stopping; no new payloads are taken")
-        counter = self._received.get(raw.source)
-        if counter is None:
-            counter = self._received[raw.source] = self.metrics.received.labels(raw.source)
+        counter = self._received.get(raw.source) or self._received.setdefault(raw.source, self.metrics.received.labels(raw.source))
         counter.inc()  # type: ignore[attr-defined]
         return self._batcher.take(raw)
 
@@ -246,9 +234,8 @@ class Pipeline:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write_then_ack(
-        self, seq: int, batch: Batch, wb: WriteBatch, known: dict[Key, int], before: set[asyncio.Task[None]]
-    ) -> None:
+    async def _write_then_ack(self, seq: int, batch: Batch, wb: WriteBatch, known: dict[Key, int],
+                              before: set[asyncio.Task[None]]) -> None:
         try:
             if before:
                 await asyncio.wait(before)
