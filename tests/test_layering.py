@@ -11,7 +11,8 @@ PKG = Path(__file__).resolve().parent.parent / "gateway"
 ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.checks": ("gateway.checks", "gateway.model", "gateway.profiles", "gateway.errors"),
     "gateway.rules": ("gateway.rules", "gateway.model", "gateway.profiles", "gateway.errors"),
-    "gateway.decode": ("gateway.model", "gateway.profiles", "gateway.errors"),
+    "gateway.decode": ("gateway.model", "gateway.profiles", "gateway.errors", "gateway.reasons"),
+    "gateway.reasons": ("gateway.model",),
     "gateway.model": (),
     "gateway.errors": (),
     "gateway.metrics": (),
@@ -61,7 +62,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                          "gateway.evaluate", "gateway.identity", "gateway.batching", "gateway.writepolicy",
                          "gateway.restore", "gateway.ticker", "gateway.acks"),
 }
-PURE = ("gateway.checks", "gateway.rules", "gateway.evaluate", "gateway.registry_import")
+PURE = ("gateway.checks", "gateway.rules", "gateway.evaluate", "gateway.registry_import", "gateway.reasons")
 # I/O, clocks, randomness and the operating system: what would make a check's result depend on
 # more than its input (and so make replay differ from live)
 IMPURE_LIBS = (
