@@ -29,7 +29,7 @@ from gateway.profiles import load_profiles
 from gateway.registry import StaticRegistry
 from gateway.sources.http import HttpSource
 from gateway.sources.http.ui import UI_PATHS
-from tests.harness import PROFILES
+from tests.harness import PROFILES, await_for
 
 pytestmark = pytest.mark.asyncio
 P = load_profiles(PROFILES)
@@ -165,7 +165,7 @@ async def test_202_after_commit_with_ids_and_duplicates(api: Api):
 async def test_202_waits_for_the_commit(api: Api):
     api.intake.hold = True
     task = asyncio.create_task(api.post(env(seq=5)))
-    await asyncio.sleep(0.2)
+    await await_for(lambda: api.intake.in_flight == 1, timeout=10)  # taken by the pipeline, not yet committed
     assert not task.done() and api.intake.in_flight == 1
     api.intake.commit()
     status, body, _ = await task
@@ -313,7 +313,7 @@ async def test_close_answers_requests_still_waiting_with_503(api: Api):
     """The drain ended before their commit: they get 503 (retry is safe), not a hang."""
     api.intake.hold = True
     task = asyncio.create_task(api.post(env(seq=3)))
-    await asyncio.sleep(0.2)
+    await await_for(lambda: api.intake.in_flight == 1, timeout=10)  # taken, waiting for its commit
     assert not task.done()
     api.source.stop_intake()
     await api.source.close()
