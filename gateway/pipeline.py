@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 from gateway.acks import Acknowledger, AlertPublisher, CommitListener
@@ -197,6 +197,11 @@ class Pipeline:
                                                 "device_id": exc.device_id, "reason": exc.reason})
         if isinstance(exc, IdentityError):
             batch.audit.append(denied_event(raw, exc))
+
+    async def restore_recent(self, horizon_s: float, owns: Callable[[str], bool] = lambda _d: True) -> int:
+        """Before ``run()``: restore the devices (those ``owns`` is true for) that reported within
+        ``horizon_s`` seconds and arm their ``silent`` rules (``Restorer.restore_recent``)."""
+        return await self._restorer.restore_recent(horizon_s, owns)
 
     # ----------------------------------------------------------------- writer
     def stop(self) -> None:
