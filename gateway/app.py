@@ -99,6 +99,7 @@ class Gateway:
         if cfg.auth.require_registration or any(kind.needs_registry for _, kind, _ in enabled):
             facts.registry_required = True
             self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
+                                     command_timeout_s=cfg.database.command_timeout_s,
                                      retry_initial_s=cfg.retry.initial_s, retry_max_s=cfg.retry.max_s)
             await self.registry.start(cfg.database.url)
             facts.registry = self.registry
