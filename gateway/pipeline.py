@@ -235,7 +235,7 @@ class Pipeline:
     async def _process(self, batch: Batch, tick_events: list[AlertEvent]) -> None:
         known: dict[Key, int] = {}
         if batch.items:
-            known = await self._policy.retry("duplicate lookup", lambda: self.store.known(batch.keys))
+            known = await self._policy.lookup("duplicate lookup", lambda: self.store.known(batch.keys))
             await self._restorer.restore(batch.items, batch.keys, known)
         ev = self._evaluator.evaluate(batch.items, [r.received_at_ms for r in batch.raws], known, batch.keys)
         raws = batch.raws if ev.keep is None else [batch.raws[i] for i in ev.keep]

@@ -312,6 +312,28 @@ async def test_recent_devices_are_restored_and_armed_before_any_reading():
         ("open", "probe_silent", T + 128_000), ("close", "probe_silent", T + 103_000)]
 
 
+async def test_a_refused_duplicate_lookup_holds_the_batch_instead_of_ending_the_writer():
+    events: list = []
+    sink = MemorySink(events)
+    refusals = [SinkError("pg_hba.conf rejects connection", retriable=False, sqlstate="28000")] * 3
+    known = sink.known
+
+    async def refusing(keys):  # noqa: ANN001, ANN202
+        if refusals:
+            raise refusals.pop()
+        return await known(keys)
+
+    sink.known = refusing  # type: ignore[method-assign]
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    pipe.submit(raw(0, events))
+    await await_for(lambda: pipe.in_flight == 0 or task.done(), timeout=5)
+    assert not task.done(), task
+    assert not refusals and ("ack", 0) in events
+    pipe.stop()
+    await task
+
+
 async def test_outcomes_name_the_ingest_id_or_the_reason_of_each_payload():
     events: list = []
     sink = MemorySink(events)
