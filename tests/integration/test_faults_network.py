@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import GatewayProcess, Mosquitto, PostgresCluster, free_port, wait_for
-from tests.harness.netns import Netns
+from tests.harness import GatewayProcess, Mosquitto, Netns, PostgresCluster, free_port, wait_for
 from tests.integration.faults import Load, Readyz, report
 from tests.integration.support import expected_readings, fetch_readings
 from tests.integration.test_ingest import count, wait_ingests
