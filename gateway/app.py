@@ -27,7 +27,7 @@ from gateway.sinks import replication
 from gateway.sinks.alerts import AlertPublication
 from gateway.sinks.timescale import TimescaleSink
 from gateway.sources import SOURCES, Source, SourceContext
-from gateway.workers import ENV_DIR, worker_index
+from gateway.workers import ENV_DIR, owner_of, worker_index
 from gateway.workers.router import Router
 
 __all__ = ["Gateway", "pending_budget"]
@@ -101,6 +101,7 @@ class Gateway:
         if cfg.auth.require_registration or any(kind.needs_registry for _, kind, _ in enabled):
             facts.registry_required = True
             self.registry = Registry(refresh_s=cfg.auth.refresh_s, connect_timeout_s=cfg.database.connect_timeout_s,
+                                     command_timeout_s=cfg.database.command_timeout_s,
                                      retry_initial_s=cfg.retry.initial_s, retry_max_s=cfg.retry.max_s)
             await self.registry.start(cfg.database.url)
             facts.registry = self.registry
@@ -108,6 +109,7 @@ class Gateway:
         self.pipeline = Pipeline(profiles=profiles, sink=self.sink, store=self.sink, metrics=self.metrics,
                                  registry=self.registry, settings=PipelineSettings.from_config(cfg))
         pipeline = self.pipeline
+        await self._restore_recent(pipeline)
         intake: Pipeline | Router = pipeline
         held_fraction = lambda: pipeline.pending_bytes / pipeline.settings.max_pending_bytes  # noqa: E731
         if cfg.workers > 1:
@@ -143,6 +145,16 @@ class Gateway:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
+
+    async def _restore_recent(self, pipeline: Pipeline) -> None:
+        """Arm the ``silent`` rules of the devices (this worker owns) that reported recently, so
+        one that went quiet while the gateway was down still opens its alert."""
+        horizon = self.config.checks.silent_restore_horizon_s
+        if not horizon:
+            return
+        index, count = worker_index() or 0, self.config.workers
+        n = await pipeline.restore_recent(horizon, lambda d: count <= 1 or owner_of(d, count) == index)
+        log.info("Recent devices restored; their silent rules are armed.", extra={"devices": n, "horizon_s": horizon})
 
     async def _check_replication(self) -> None:
         """Log which server the sink reached and what its commits wait for; refuse to start

@@ -134,6 +134,9 @@ class RetryConfig(_Section):
 class ChecksConfig(_Section):
     max_clock_skew_s: PosFloat = 60.0
     max_staleness_s: PosFloat = 86_400.0
+    # At start, devices with a stored reading this recent get their ``silent`` rules armed
+    # (``gateway.restore``); 0 turns it off. At most the 7 days the restore looks back.
+    silent_restore_horizon_s: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 86_400.0
 
 
 class ProfilesConfig(_Section):

@@ -95,11 +95,12 @@ class Evaluator:
         waveform: Sequence[tuple[str, str, int, float]],
         open_events: Iterable[AlertEvent],
         latest: Mapping[str, int],
+        arm: Mapping[str, str] | None = None,
     ) -> list[AlertEvent]:
         """Seed check state and active alert episodes kept elsewhere (storage, after a restart);
-        return the episodes not restored (see ``AlertEngine.restore``)."""
+        return the episodes not restored (see ``AlertEngine.restore``, also for ``arm``)."""
         self.state.seed(numeric, numeric_ref, waveform)
-        return self.engine.restore(open_events, latest)
+        return self.engine.restore(open_events, latest, arm)
 
 
 def _dedupe(keys: Sequence[Key], known: Container[Key]) -> list[int] | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 from gateway.acks import Acknowledger, AlertPublisher, CommitListener
@@ -44,11 +44,8 @@ log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    """The ingestion pipeline of one gateway process.
-
-    ``sink`` is written to; ``store`` (default: ``sink``) answers which envelopes are stored
-    already and what to restore after a restart.
-    """
+    """The ingestion pipeline of one gateway process. ``sink`` is written to; ``store`` (default:
+    ``sink``) answers which envelopes are stored already and what to restore after a restart."""
 
     def __init__(
         self,
@@ -173,8 +170,7 @@ class Pipeline:
         return self._batcher.take(raw)
 
     def _add(self, batch: Batch, raw: RawMessage, d: Decoded) -> None:
-        if not self._batcher.add(batch, raw, d, key_of(d)):
-            # the same envelope is already waiting to be written: acked with that write
+        if not self._batcher.add(batch, raw, d, key_of(d)):  # the same envelope waits to be written: acked with it
             self.metrics.envelopes.labels(raw.source, "duplicate").inc()
 
     def _reject(self, batch: Batch, raw: RawMessage, exc: RejectError) -> None:
@@ -185,6 +181,10 @@ class Pipeline:
                                                 "device_id": exc.device_id, "reason": exc.reason})
         if isinstance(exc, IdentityError):
             batch.audit.append(denied_event(raw, exc))
+
+    async def restore_recent(self, horizon_s: float, owns: Callable[[str], bool] = lambda _d: True) -> int:
+        """Before ``run()``: restore the owned devices seen within ``horizon_s``, silent rules armed."""
+        return await self._restorer.restore_recent(horizon_s, owns)
 
     # ----------------------------------------------------------------- writer
     def stop(self) -> None:
@@ -218,7 +218,7 @@ class Pipeline:
     async def _process(self, batch: Batch, tick_events: list[AlertEvent]) -> None:
         known: dict[Key, int] = {}
         if batch.items:
-            known = await self._policy.retry("duplicate lookup", lambda: self.store.known(batch.keys))
+            known = await self._policy.lookup("duplicate lookup", lambda: self.store.known(batch.keys))
             await self._restorer.restore(batch.items, batch.keys, known)
         ev = self._evaluator.evaluate(batch.items, [r.received_at_ms for r in batch.raws], known, batch.keys)
         raws = batch.raws if ev.keep is None else [batch.raws[i] for i in ev.keep]

@@ -159,11 +159,15 @@ SELECT (SELECT count(*) FROM devices), (SELECT max(updated_at) FROM devices),
 class Registry:
     """The registry cache of one gateway process (see the module docstring)."""
 
-    def __init__(self, *, refresh_s: float = 5.0, connect_timeout_s: float = 10.0,
+    def __init__(self, *, refresh_s: float = 5.0, connect_timeout_s: float = 10.0, command_timeout_s: float = 60.0,
                  retry_initial_s: float = 0.2, retry_max_s: float = 10.0) -> None:
         self._snap = _Snapshot()
         self.refresh_s = refresh_s
         self._connect_timeout = connect_timeout_s
+        # Every statement has a deadline: behind a link that drops packets without a reset the
+        # change-marker poll would otherwise wait for TCP to give up (about 15 minutes with
+        # Linux's tcp_retries2 = 15), serving a stale registry (a revoked device accepted) all along.
+        self._command_timeout = command_timeout_s
         self._retry = (retry_initial_s, retry_max_s)
         self._dsn: str | None = None
         self._conn: asyncpg.Connection | None = None
@@ -251,7 +255,8 @@ class Registry:
     async def _connect(self) -> None:
         assert self._dsn is not None
         conn = await asyncpg.connect(
-            self._dsn, timeout=self._connect_timeout, server_settings={"application_name": "vitalgate:registry"}
+            self._dsn, timeout=self._connect_timeout, command_timeout=self._command_timeout,
+            server_settings={"application_name": "vitalgate:registry"},
         )
         self._lost.clear()
         conn.add_termination_listener(lambda _c: self._lost.set())

@@ -1,11 +1,16 @@
 """State restore after a restart: the first time a device is seen since start, look up what
 storage knows about it (``StateStore.history``) and seed the evaluator with it, so that a
-restart does not forget the readings and the active alert episodes stored before it."""
+restart does not forget the readings and the active alert episodes stored before it.
+
+At start, ``restore_recent`` does the same at once for every device that reported within a
+horizon (``StateStore.recent``) and arms its ``silent`` rules: a device that went quiet
+while the gateway was down (a power cut takes both) is never seen again, so the lazy path
+alone would never open its ``silent`` alert."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from typing import TypeVar
 
 from gateway.decode import Decoded
@@ -20,6 +25,7 @@ __all__ = ["Restorer"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Retry = Callable[[str, Callable[[], Awaitable[T]]], Awaitable[T]]
+_RESTORE_CHUNK = 1000  # devices per history lookup at start: a few seconds of probes at most
 
 
 class Restorer:
@@ -31,6 +37,29 @@ class Restorer:
         self._retry = retry
         self._restored: set[str] = set()
 
+    async def restore_recent(self, horizon_s: float, owns: Callable[[str], bool] = lambda _d: True) -> int:
+        """Restore every device (``owns`` it) with a reading newer than ``horizon_s`` seconds, as
+        the lazy path would, and arm the ``silent`` rules of its latest stored profile.
+
+        Returns how many devices were restored. A refused lookup is logged and restores none:
+        those devices are then restored lazily, when they next report.
+        """
+        try:
+            recent = await self._retry("recent devices", lambda: self.store.recent(horizon_s))
+        except SinkError as exc:
+            log.error("Recent devices lookup refused; silent rules are armed when devices next report.",
+                      extra={"error": str(exc)})
+            return 0
+        profiles = self.evaluator.profiles
+        # a profile no longer loaded has no rules to arm; its devices start afresh when they report
+        by_device = {d: profiles[p] for d, (p, _) in recent.items() if p in profiles and owns(d)}
+        devices = sorted(by_device)
+        for i in range(0, len(devices), _RESTORE_CHUNK):
+            chunk = devices[i:i + _RESTORE_CHUNK]
+            await self._restore({d: {by_device[d].name: by_device[d]} for d in chunk},
+                                arm={d: by_device[d].name for d in chunk})
+        return len(devices)
+
     async def restore(self, items: Sequence[Decoded], keys: Sequence[Key], known: Container[Key]) -> None:
         """Restore every device of ``items`` not restored yet (one lookup for all of them);
         envelopes whose key is ``known`` (stored already) are skipped."""
@@ -40,8 +69,12 @@ class Restorer:
             dev = key[0]
             if dev not in restored and key not in known:
                 profiles_of.setdefault(dev, {}).setdefault(d.profile.name, d.profile)
-        if not profiles_of:
-            return
+        if profiles_of:
+            await self._restore(profiles_of)
+
+    async def _restore(self, profiles_of: Mapping[str, Mapping[str, Profile]],
+                       arm: Mapping[str, str] | None = None) -> None:
+        restored = self._restored
         devices = sorted(profiles_of)
         profile_of = {dev: next(iter(profiles_of[dev])) for dev in devices}
         pairs: dict[tuple[str, str], str] = {}  # (device, metric) of the device's profiles -> kind
@@ -63,7 +96,7 @@ class Restorer:
                        profile_of.get(e.device_id))
             for e in hist.open_alerts
         ]
-        for e in self.evaluator.restore(hist.numeric, hist.numeric_ref, hist.waveform, opened, hist.latest):
+        for e in self.evaluator.restore(hist.numeric, hist.numeric_ref, hist.waveform, opened, hist.latest, arm):
             # the rule is not in the profile the device reports now (renamed, profile changed)
             log.warning("Active alert episode not restored: unknown rule for the device's profile.",
                         extra={"device_id": e.device_id, "rule": e.rule, "profile": e.profile, "at": e.at})

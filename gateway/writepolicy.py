@@ -61,6 +61,19 @@ class WritePolicy:
                     )
                 await asyncio.sleep(delay)
 
+    async def lookup(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``retry`` for a read the batch cannot go without (which envelopes are stored): a
+        permanent refusal (pg_hba reject, a revoked login) holds the batch like a refused write
+        instead of ending the writer, and is retried slowly until an operator fixes the cause."""
+        backoff = Backoff(self.retry_max_s, self.retry_max_s * 3)
+        while True:
+            try:
+                return await self.retry(what, call)
+            except SinkError as exc:
+                log.error("Database refuses a lookup; holding the batch until the cause is fixed.",
+                          extra={"operation": what, "error": str(exc), "sqlstate": exc.sqlstate})
+                await asyncio.sleep(backoff.next_delay())
+
     def failing(self) -> tuple[SinkError, float] | None:
         """The latest failed commit and how long commits have failed (s); None once one succeeds."""
         return None if self.write_error is None else (self.write_error, time.monotonic() - self.failing_since)

@@ -280,6 +280,60 @@ async def test_state_of_a_device_is_restored_from_the_sink_the_first_time_it_is_
     assert [(a.event, a.device_id, a.rule, a.at) for a in sink.alerts] == [("close", "po-1", "spo2_low", T + 101_000)]
 
 
+async def test_recent_devices_are_restored_and_armed_before_any_reading():
+    events: list = []
+    sink = HistorySink(events)
+    sink.recent_asked: list[float] = []
+
+    async def recent(horizon_s: float) -> dict[str, tuple[str, int]]:
+        sink.recent_asked.append(horizon_s)
+        return {"po-1": ("pulse_oximeter", T + 98_000), "po-2": ("no_such_profile", T), "po-3": ("pulse_oximeter", T)}
+
+    sink.recent = recent  # type: ignore[method-assign]
+    clock = ManualClock(T / 1000 + 200)  # past po-1's latest reading + 30 s (probe_silent)
+    pipe = Pipeline(profiles=P, sink=sink, clock=clock, settings=PipelineSettings(
+        max_age_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, tick_s=1.0, require_registration=False))
+    assert await pipe.restore_recent(3600.0, owns=lambda d: d != "po-3") == 1
+    assert sink.recent_asked == [3600.0] and sink.lookups == [["po-1"]]
+    task = asyncio.create_task(pipe.run())
+
+    def ticked() -> bool:
+        clock.advance(0.5)  # drives the writer's tick, whenever it has started
+        return any(a.rule == "probe_silent" for a in sink.alerts)
+
+    await await_for(ticked, timeout=5, message="the silent episode of the quiet device opened")
+    pipe.submit(raw(103, events, device="po-1"))  # restored already: no second lookup
+    clock.advance(0.1)  # the batch's age is past max_age_s
+    await await_for(lambda: pipe.in_flight == 0, timeout=5)
+    pipe.stop()
+    await task
+    assert sink.lookups == [["po-1"]]
+    assert [(a.event, a.rule, a.at) for a in sink.alerts if a.rule == "probe_silent"] == [
+        ("open", "probe_silent", T + 128_000), ("close", "probe_silent", T + 103_000)]
+
+
+async def test_a_refused_duplicate_lookup_holds_the_batch_instead_of_ending_the_writer():
+    events: list = []
+    sink = MemorySink(events)
+    refusals = [SinkError("pg_hba.conf rejects connection", retriable=False, sqlstate="28000")] * 3
+    known = sink.known
+
+    async def refusing(keys):  # noqa: ANN001, ANN202
+        if refusals:
+            raise refusals.pop()
+        return await known(keys)
+
+    sink.known = refusing  # type: ignore[method-assign]
+    pipe = make(sink)
+    task = asyncio.create_task(pipe.run())
+    pipe.submit(raw(0, events))
+    await await_for(lambda: pipe.in_flight == 0 or task.done(), timeout=5)
+    assert not task.done(), task
+    assert not refusals and ("ack", 0) in events
+    pipe.stop()
+    await task
+
+
 async def test_outcomes_name_the_ingest_id_or_the_reason_of_each_payload():
     events: list = []
     sink = MemorySink(events)

@@ -181,7 +181,8 @@ class AlertEngine:
                 event = AlertEvent("close", self._devices.names[d], r.rule.name, r.rule.priority, None, t, None, env, r.profile)
                 keyed.append(((env, kind, i, -len(self._rules) + col), event))
 
-    def restore(self, open_events: Iterable[AlertEvent], latest: Mapping[str, int]) -> list[AlertEvent]:
+    def restore(self, open_events: Iterable[AlertEvent], latest: Mapping[str, int],
+                arm: Mapping[str, str] | None = None) -> list[AlertEvent]:
         """Restore state kept elsewhere (the stored alerts and readings, after a restart).
 
         Only devices the engine has no state for yet (never evaluated, nothing restored) are
@@ -192,6 +193,10 @@ class AlertEngine:
                 the profile whose rule ``rule`` is. They count as open: the next reading that
                 clears a threshold rule (any next reading, for ``silent``) closes them.
             latest: per device, the latest reading time (epoch ms), for ``silent``.
+            arm: per device, a profile whose ``silent`` rules are armed as if the device had
+                just reported under it: a device that stays quiet opens them at ``latest +
+                after_s`` without a reading after the restart. Devices without a ``latest``
+                are not armed.
 
         Returns:
             The events not restored: unknown (profile, rule), or a device with state already.
@@ -225,6 +230,10 @@ class AlertEngine:
             d = dev_of[name]
             if d in fresh:
                 lat[d] = max(int(lat[d]), int(t))
+        armed = [(dev_of[name], self._profiles[p]) for name, p in (arm or {}).items()
+                 if name in latest and dev_of[name] in fresh]
+        if armed:
+            self._arm(np.array([d for d, _ in armed], dtype=np.int64), np.array([p for _, p in armed], dtype=np.int64))
         return skipped
 
     def _arm(self, dev: np.ndarray, pid: np.ndarray) -> None:

@@ -103,3 +103,7 @@ class StateStore(Protocol):
     ) -> History:
         """What is stored about ``devices`` (see ``History``): their open alert episodes, and
         the latest rows of the (device, metric) pairs ``numeric`` and ``waveform``."""
+
+    async def recent(self, horizon_s: float) -> dict[str, tuple[str, int]]:
+        """Per device with a stored reading newer than ``horizon_s`` seconds: the profile of
+        its latest stored envelope and its latest reading time (epoch ms)."""

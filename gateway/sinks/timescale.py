@@ -150,6 +150,11 @@ class TimescaleSink:
             return History()
         return await reads.history(self._require_pool(), devices, numeric, waveform)
 
+    async def recent(self, horizon_s: float) -> dict[str, tuple[str, int]]:
+        """Per device that reported within the last ``horizon_s`` seconds: the profile of its
+        latest stored envelope and its latest reading time (epoch ms)."""
+        return await reads.recent(self._require_pool(), horizon_s)
+
     async def write(self, batch: WriteBatch) -> list[int | None]:
         pool = self._require_pool()
         try:

@@ -3,7 +3,8 @@
 ``known`` answers which (device, payload SHA-256) pairs are already in ``ingests``;
 ``history`` reads back what the checks and alert rules kept in memory before a restart
 (PROTOCOL section 3: ``prev`` and ``ref`` per device and metric, the latest waveform block,
-the open alert episodes). Flag masks in the SQL come from ``gateway.model.Flag``.
+the open alert episodes); ``recent`` lists the devices that reported within a horizon, so
+their ``silent`` rules are armed at start. Flag masks in the SQL come from ``gateway.model.Flag``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from gateway.retry import DATABASE_ERRORS, is_retriable
 from gateway.sinks import History, OpenEpisode
 from gateway.sinks.pooled import connection
 
-__all__ = ["HISTORY_WINDOW", "known", "history"]
+__all__ = ["HISTORY_WINDOW", "known", "history", "recent"]
 
 _OUT_OF_ORDER = int(Flag.OUT_OF_ORDER)
 # A reading never becomes ``ref`` when it is an artifact or OUT_OF_ORDER (PROTOCOL section 3).
@@ -70,6 +71,29 @@ WHERE device_id = ANY($1::text[]) AND cleared_at IS NULL
 ORDER BY opened_at, id
 """
 
+# Every (device, metric) pair with a row within the horizon, then its latest row and the
+# profile of the envelope that stored it. The pairs come from a skip scan of the
+# (device_id, metric, time DESC) index: each step is one ``> (d, m) ... LIMIT 1`` probe per
+# chunk of the horizon, so the cost grows with the pairs, not with the rows (a DISTINCT over
+# a day of 1 Hz readings would read every one of them).
+_RECENT = """
+WITH RECURSIVE pairs(d, m) AS (
+    (SELECT device_id, metric FROM {table} WHERE time > $1 ORDER BY device_id, metric LIMIT 1)
+    UNION ALL
+    SELECT x.device_id, x.metric FROM pairs CROSS JOIN LATERAL (
+        SELECT device_id, metric FROM {table}
+        WHERE (device_id, metric) > (pairs.d, pairs.m) AND time > $1
+        ORDER BY device_id, metric LIMIT 1) AS x
+)
+SELECT pairs.d, {ms} AS t, i.profile
+FROM pairs CROSS JOIN LATERAL (
+    SELECT time, ingest_id FROM {table} WHERE device_id = pairs.d AND metric = pairs.m AND time > $1
+    ORDER BY time DESC LIMIT 1) AS r
+JOIN ingests i ON i.id = r.ingest_id
+"""
+_RECENT_READINGS = _RECENT.format(table="readings", ms=_MS.replace("time", "r.time"))
+_RECENT_BLOCKS = _RECENT.format(table="waveform_blocks", ms=_MS.replace("time", "r.time"))
+
 
 async def known(pool: asyncpg.Pool, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
     """The pairs among ``keys`` already in ``ingests``, with their ingest ids."""
@@ -113,4 +137,20 @@ async def history(
     out.open_alerts = [
         OpenEpisode(r[0], r[1], r[2], r[3], int(r[4]), None if r[5] is None else float(r[5])) for r in alerts
     ]
+    return out
+
+
+async def recent(pool: asyncpg.Pool, horizon_s: float) -> dict[str, tuple[str, int]]:
+    """See ``TimescaleSink.recent``: per device with a reading or waveform block newer than
+    ``horizon_s`` seconds, the profile of its latest stored envelope and that reading's time."""
+    try:
+        async with connection(pool) as conn:
+            since = await conn.fetchval("SELECT now() - $1::float8 * interval '1 second'", horizon_s)
+            rows = [*await conn.fetch(_RECENT_READINGS, since), *await conn.fetch(_RECENT_BLOCKS, since)]
+    except DATABASE_ERRORS as exc:
+        raise SinkError(f"recent devices lookup failed: {exc}", retriable=is_retriable(exc)) from exc
+    out: dict[str, tuple[str, int]] = {}
+    for device, t, profile in rows:
+        if device not in out or t > out[device][1]:
+            out[device] = (profile, int(t))
     return out

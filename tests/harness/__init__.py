@@ -16,6 +16,8 @@ Modules:
         and ``vitalgate()`` for the other commands.
     sampler: CPU seconds and resident memory of a process from /proc, /metrics scrapes.
     waits: ``wait_for`` / ``await_for``, polling a condition with a deadline.
+    netns: ``Netns``, a network namespace with veth links to the root namespace that a
+        test black-holes (link down, no reset), to run the gateway behind a failing network.
 """
 
 from .gateway import PROFILES, REPO, CliError, GatewayExited, GatewayProcess, vitalgate
@@ -24,12 +26,14 @@ from .sampler import (
     scrape_metrics, tree_cpu_seconds,
 )
 from .https import ClientCA, HttpsGateway
+from .netns import Netns
 from .replication import StandbyCluster
 from .services import Mosquitto, MqttTls, PostgresCluster, ServiceError, device_acl, free_port, write_password_file
 from .waits import await_for, wait_for
 
 __all__ = [
-    "PROFILES", "REPO", "CliError", "ClientCA", "HttpsGateway", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "PostgresCluster",
+    "PROFILES", "REPO", "CliError", "ClientCA", "HttpsGateway", "GatewayExited", "GatewayProcess", "Mosquitto",
+    "MqttTls", "Netns", "PostgresCluster",
     "ServiceError", "StandbyCluster", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
     "machine_busy_seconds", "metric_sum", "parent", "pid_alive", "rss_bytes", "rss_mib", "scrape_metrics",
     "tree_cpu_seconds", "vitalgate", "wait_for", "write_password_file",

@@ -71,3 +71,21 @@ def test_restore_leaves_devices_with_state_and_unknown_rules_alone() -> None:
     assert engine.active() == []
     assert run(engine, [spo2(2, 93, device="po-r4")]) == []
     assert int(np.int64(engine.next_deadline() or 0)) == T0 + 32_000  # latest not restored either
+
+
+def test_arming_at_restore_opens_silent_at_latest_plus_after_s_without_a_reading() -> None:
+    engine = AlertEngine(PROFILES)
+    engine.restore([], {"po-r6": T0 + 10_000, "po-r7": T0 + 20_000}, arm={"po-r6": PO, "po-r8": PO})
+    assert engine.next_deadline() == T0 + 40_000  # po-r7 is not armed; po-r8 has no latest reading
+    events = engine.tick(T0 + 100_000)
+    assert [(e.event, e.device_id, e.rule, e.at) for e in events] == [("open", "po-r6", "probe_silent", T0 + 40_000)]
+    closing = run(engine, [spo2(120, 97, device="po-r6")])
+    assert [(e.event, e.rule, e.at) for e in closing] == [("close", "probe_silent", T0 + 120_000)]
+
+
+def test_arming_leaves_a_restored_open_silent_episode_open_once() -> None:
+    engine = AlertEngine(PROFILES)
+    engine.restore([opened("probe_silent", device="po-r9", at_s=40, value=None)], {"po-r9": T0 + 10_000},
+                   arm={"po-r9": PO})
+    assert engine.tick(T0 + 100_000) == []  # already open: no second episode
+    assert [e.rule for e in engine.active()] == ["probe_silent"]
