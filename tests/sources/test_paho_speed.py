@@ -99,11 +99,11 @@ async def test_buffered_drain_yields_to_the_event_loop_between_turns():
 
 
 def _v5_publish(topic: bytes, payload: bytes, qos: int, mid: int, props: Properties | None) -> bytes:
-    from bench.paho_receive import _varint
+    from paho.mqtt.properties import VariableByteIntegers
 
     body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"")
     body += (props.pack() if props is not None else b"\x00") + payload
-    return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+    return bytes([0x30 | qos << 1]) + VariableByteIntegers.encode(len(body)) + body
 
 
 @pytest.mark.parametrize("chunk", [13, 300, 65536])
