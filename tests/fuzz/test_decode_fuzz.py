@@ -105,6 +105,11 @@ def test_json_and_msgpack_of_the_same_envelope_get_the_same_answer(env):
         # the stack depth it was called at, so one may name the depth and the other the first
         # field it found wrong. Both refuse the payload naming a reason, which is the contract.
         return
+    if outcomes[0] != outcomes[1] and any(r.startswith("payload: ") and "exceeds the limit" in r for r in reasons):
+        # The size limit is on the bytes received, and the same envelope takes fewer bytes as
+        # MessagePack: near the limit one encoding is refused for its size while the other is
+        # decoded and judged on its fields (found at 262,146 JSON bytes against 262,144).
+        return
     assert outcomes[0] == outcomes[1], outcomes
 
 
