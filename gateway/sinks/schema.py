@@ -1,8 +1,8 @@
 """Database schema (PROTOCOL section 3) as numbered migrations.
 
-``migrate(conn)`` applies the ones not yet recorded in ``schema_version``, each in its
-own transaction, under an advisory lock so that several workers starting at once do not
-race. Re-running it is a no-op. A migration is never edited once released: a change is a
+``migrate(conn)`` applies the ones not yet recorded in ``schema_version`` in one
+transaction (all or none), under an advisory lock so that several workers starting at once
+do not race. Re-running it is a no-op. A migration is never edited once released: a change is a
 new module appended to ``gateway.sinks.migrations``.
 
 Migration 2 creates the role ``vitalgate_gateway`` (cluster-wide, so the migrating user
