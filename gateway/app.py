@@ -113,6 +113,12 @@ class Gateway:
             alerts = AlertPublication(mqtt, topic=cfg.mqtt.alerts_topic,  # type: ignore[arg-type]
                                       max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)
             self.pipeline.add_alert_publisher(alerts.publish)
+        nats = self.sources.get("nats")
+        if nats is not None:  # cluster mode: claims and the commit fence, alerts published on NATS
+            self.sink.fence = nats.bind(cfg.database.url, self.pipeline.forget)  # type: ignore[attr-defined]
+            alerts = AlertPublication(nats, topic=cfg.nats.alerts_subject,  # type: ignore[arg-type]
+                                      max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)
+            self.pipeline.add_alert_publisher(alerts.publish)
         http = self.sources.get("http")
         if http is not None:  # the query API and the live stream are served with HTTPS
             self.read = await ReadSide.open(cfg, profiles, self.pipeline)

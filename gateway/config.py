@@ -22,6 +22,7 @@ __all__ = [
     "DatabaseConfig",
     "MqttConfig",
     "HttpConfig",
+    "NatsConfig",
     "AuthConfig",
     "BatchConfig",
     "RetryConfig",
@@ -105,6 +106,45 @@ class HttpConfig(_Section):
     retry_after_s: PosInt = 1  # Retry-After of 503 responses while the writer is backed up
 
 
+class NatsConfig(_Section):
+    """Cluster mode: devices publish over MQTT to a NATS JetStream cluster; partitions of the
+    device stream are shared among gateway processes (``gateway.sources.nats``)."""
+
+    enabled: bool = False
+    servers: str = "nats://127.0.0.1:4222"  # comma-separated: every node, so any one reached will do
+    user: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    # MQTT topic devices/{id}/telemetry is NATS subject devices.{id}.telemetry; the servers'
+    # account mapping appends .n<partitions>.<partition> (``vitalgate cluster init`` prints it)
+    subject: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.\*(\.[A-Za-z0-9_-]+)*$")] = "devices.*.telemetry"
+    partitions: Annotated[int, Meta(ge=1, le=1024)] = 8
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 3  # of the consumers and the membership bucket
+    consumer_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "vg"
+    ack_wait_s: PosFloat = 2.0  # ack_wait + pull_expires_s must stay below priority_timeout_s (order on failover)
+    pull_expires_s: PosFloat = 1.0
+    priority_timeout_s: PosFloat = 5.0
+    max_ack_pending: Annotated[int, Meta(ge=1)] = 2000  # per partition, held by the server
+    pull_batch: Annotated[int, Meta(ge=1, le=10000)] = 500
+    max_in_flight: Annotated[int, Meta(ge=1)] = 10000  # messages this process holds unacknowledged
+    members_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "vg_members"
+    member_ttl_s: Annotated[float, Meta(ge=1)] = 3.0  # a member silent this long is gone
+    alerts_subject: str = "alerts.{device_id}"  # alert events published here after commit (MQTT: alerts/{id})
+    ingest_subject: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.\*$")] = "vgingest.*"
+
+    def __post_init__(self) -> None:
+        if self.ack_wait_s + self.pull_expires_s >= self.priority_timeout_s:
+            raise ValueError(f"nats.ack_wait_s + nats.pull_expires_s ({self.ack_wait_s + self.pull_expires_s:g}) must be "
+                             f"below nats.priority_timeout_s ({self.priority_timeout_s:g}): a partition taken over "
+                             "must see its predecessor's unacknowledged messages again before new ones")
+        if not self.server_list:
+            raise ValueError("nats.servers: at least one server URL")
+
+    @property
+    def server_list(self) -> list[str]:
+        return [u.strip() for u in self.servers.split(",") if u.strip()]
+
+
 class AuthConfig(_Section):
     require_registration: bool = True  # refuse envelopes of devices missing from the registry
     refresh_s: PosFloat = 5.0  # how often the registry cache is refreshed (NOTIFY also refreshes it)
@@ -179,6 +219,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     database: DatabaseConfig = DatabaseConfig()
     mqtt: MqttConfig = MqttConfig()
     http: HttpConfig = HttpConfig()
+    nats: NatsConfig = NatsConfig()
     auth: AuthConfig = AuthConfig()
     batch: BatchConfig = BatchConfig()
     retry: RetryConfig = RetryConfig()
@@ -187,8 +228,13 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     retention: RetentionConfig = RetentionConfig()
 
     def __post_init__(self) -> None:
-        if not self.mqtt.enabled and not self.http.enabled:
-            raise ValueError("mqtt.enabled and http.enabled are both false: nothing to ingest")
+        if not self.mqtt.enabled and not self.http.enabled and not self.nats.enabled:
+            raise ValueError("mqtt.enabled, http.enabled and nats.enabled are all false: nothing to ingest")
+        if self.nats.enabled and self.mqtt.enabled:
+            raise ValueError("nats.enabled and mqtt.enabled: in cluster mode devices reach the gateway through NATS; "
+                             "set mqtt.enabled = false")
+        if self.nats.enabled and self.workers > 1:
+            raise ValueError("nats.enabled with workers > 1: run more gateway processes instead (each one a member)")
         if (self.mqtt.tls_cert is None) != (self.mqtt.tls_key is None):
             raise ValueError("mqtt.tls_cert and mqtt.tls_key go together")
         if (self.http.tls_cert is None) != (self.http.tls_key is None):

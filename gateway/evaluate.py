@@ -84,6 +84,12 @@ class Evaluator:
         events = self.engine.evaluate(num, nflags, wav) if len(num) or len(wav) else []
         return Evaluation(keep, list(items), list(keys), num, nflags, wav, wflags, events)
 
+    def forget(self, devices: Sequence[str]) -> None:
+        """Drop the check and rule state of ``devices``: another process evaluated them
+        meanwhile (cluster mode), so their state must come from storage again."""
+        self.state.forget(devices)
+        self.engine.forget(devices)
+
     def tick(self, now_ms: int) -> list[AlertEvent]:
         """Advance the rules' clock (``silent``) to ``now_ms``."""
         return self.engine.tick(now_ms)

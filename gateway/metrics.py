@@ -76,6 +76,15 @@ class Metrics:
             registry=r,
         )
 
+        # cluster mode (gateway.sources.nats)
+        self.partitions_owned = Gauge("gateway_partitions_owned", "Partitions of the device stream this process holds.",
+                                      registry=r)
+        self.partition_changes = Counter("gateway_partition_changes_total",
+                                         "Partitions taken, handed over, and lost to a new owner.", ["event"], registry=r)
+        self.fenced = Counter("gateway_fenced_envelopes_total",
+                              "Envelopes left out of a commit: their partition had a new owner.", registry=r)
+        self.nats_connected = Gauge("gateway_nats_connected", "1 while connected to a NATS server.", registry=r)
+
     def serve(self, host: str, port: int) -> None:
         """Expose the metrics over HTTP (``/metrics``) in a background thread."""
         start_http_server(port, addr=host, registry=self.registry)

@@ -107,6 +107,12 @@ class Pipeline:
     def committed_batches(self) -> int:
         return self._acks.committed_batches
 
+    def forget(self, devices: set[str]) -> None:
+        """Drop what this process knows of ``devices`` (check and rule state): another gateway
+        wrote them meanwhile (cluster mode), so they are restored from storage when next seen."""
+        self._evaluator.forget(sorted(devices))
+        self._restorer.forget(devices)
+
     def add_alert_publisher(self, publish: AlertPublisher) -> None:
         """Call ``publish(events)`` after each commit that opened or closed alerts."""
         self._acks.publishers.append(publish)

@@ -5,7 +5,7 @@ restart does not forget the readings and the active alert episodes stored before
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from typing import TypeVar
 
 from gateway.decode import Decoded
@@ -30,6 +30,10 @@ class Restorer:
         self.evaluator = evaluator
         self._retry = retry
         self._restored: set[str] = set()
+
+    def forget(self, devices: Iterable[str]) -> None:
+        """Restore ``devices`` again when next seen (their state was dropped)."""
+        self._restored.difference_update(devices)
 
     async def restore(self, items: Sequence[Decoded], keys: Sequence[Key], known: Container[Key]) -> None:
         """Restore every device of ``items`` not restored yet (one lookup for all of them);

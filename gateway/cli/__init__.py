@@ -1,7 +1,8 @@
 """The ``vitalgate`` command line: the top-level parser, the event loop, the exit status.
 
 One module per command group registers its parser here: ``run``, ``db``, ``config``,
-``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``).
+``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``),
+``cluster``.
 A command's handler returns its exit status, or a coroutine that ``main`` runs to get it:
 this module is the only one that chooses the event loop (uvloop).
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.cli import config, db, devices, keys, profiles, replay, run
-from gateway.cli import holds, retention
+from gateway.cli import cluster, holds, retention
 from gateway.cli.common import ENV_HELP, CommandError, Refused
 from gateway.errors import ConfigError, GatewayError
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(sub)
     retention.add_parser(sub)
     holds.add_parser(sub)
+    cluster.add_parser(sub)
     from gateway.query.cli import add_parsers as add_association_parsers
 
     add_association_parsers(sub)

@@ -227,6 +227,15 @@ class AlertEngine:
                 lat[d] = max(int(lat[d]), int(t))
         return skipped
 
+    def forget(self, devices: Iterable[str]) -> None:
+        """Drop the state of ``devices`` (another process evaluated them meanwhile): the next
+        ``restore`` takes theirs from storage."""
+        known = [self._devices.get(d) for d in devices]
+        ids = np.array([i for i in known if i is not None], dtype=np.int64)
+        self._active = {k: e for k, e in self._active.items() if k[0] not in set(ids.tolist())}
+        self._silent.forget(ids[ids < len(self._silent.latest)])
+        self._threshold.forget(ids[ids < len(self._threshold.busy)])
+
     def _arm(self, dev: np.ndarray, pid: np.ndarray) -> None:
         """Arm the silent rules of each (device, profile) seen."""
         change = group_first(dev * (len(self._profiles) + 1) + pid)  # runs of equal pairs

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import asyncpg
 import numpy as np
@@ -31,7 +31,11 @@ from gateway.sinks.records import write_alerts, write_audit
 from gateway.sinks.rollups import write_rollups
 from gateway.sinks.schema import migrate
 
-__all__ = ["TimescaleSink"]
+__all__ = ["TimescaleSink", "Fence"]
+
+# Runs first in every commit transaction; may leave envelopes, rejects and alerts out of
+# the batch (cluster mode: those of partitions this process no longer owns).
+Fence = Callable[[asyncpg.Connection, WriteBatch], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class TimescaleSink:
         self._command_timeout = command_timeout_s
         self._run_migrations = run_migrations
         self._pool: asyncpg.Pool | None = None
+        self.fence: Fence | None = None
 
     async def start(self) -> None:
         try:
@@ -135,6 +140,8 @@ class TimescaleSink:
         pool = self._require_pool()
         try:
             async with pool.acquire() as conn, conn.transaction():
+                if self.fence is not None:
+                    await self.fence(conn, batch)
                 ids = await self._write_ingests(conn, batch)
                 if any(i is not None for i in ids):
                     await self._copy_readings(conn, batch, ids)

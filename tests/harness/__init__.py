@@ -14,8 +14,10 @@ Modules:
         and ``vitalgate()`` for the other commands.
     sampler: CPU seconds and resident memory of a process from /proc, /metrics scrapes.
     waits: ``wait_for`` / ``await_for``, polling a condition with a deadline.
+    nats: ``NatsCluster``, throwaway nats-server nodes (JetStream, MQTT) from the venv.
 """
 
+from .nats import NatsCluster
 from .gateway import PROFILES, REPO, CliError, GatewayExited, GatewayProcess, vitalgate
 from .sampler import (
     children, cpu_seconds, descendants, machine_busy_seconds, metric_sum, parent, pid_alive, rss_bytes, rss_mib,
@@ -25,7 +27,8 @@ from .services import Mosquitto, MqttTls, PostgresCluster, ServiceError, device_
 from .waits import await_for, wait_for
 
 __all__ = [
-    "PROFILES", "REPO", "CliError", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "PostgresCluster",
+    "PROFILES", "REPO", "CliError", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "NatsCluster",
+    "PostgresCluster",
     "ServiceError", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
     "machine_busy_seconds", "metric_sum", "parent", "pid_alive", "rss_bytes", "rss_mib", "scrape_metrics",
     "tree_cpu_seconds", "vitalgate", "wait_for", "write_password_file",
