@@ -17,7 +17,7 @@ Modules:
     nats: ``NatsCluster``, throwaway nats-server nodes (JetStream, MQTT) from the venv.
 """
 
-from .nats import NatsCluster
+from .nats import NatsCluster, NetHosts
 from .gateway import PROFILES, REPO, CliError, GatewayExited, GatewayProcess, vitalgate
 from .sampler import (
     children, cpu_seconds, descendants, machine_busy_seconds, metric_sum, parent, pid_alive, rss_bytes, rss_mib,
@@ -28,7 +28,7 @@ from .waits import await_for, wait_for
 
 __all__ = [
     "PROFILES", "REPO", "CliError", "GatewayExited", "GatewayProcess", "Mosquitto", "MqttTls", "NatsCluster",
-    "PostgresCluster",
+    "NetHosts", "PostgresCluster",
     "ServiceError", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
     "machine_busy_seconds", "metric_sum", "parent", "pid_alive", "rss_bytes", "rss_mib", "scrape_metrics",
     "tree_cpu_seconds", "vitalgate", "wait_for", "write_password_file",

@@ -38,7 +38,7 @@ from pathlib import Path
 from .services import HOST, ServiceError, _port_accepts, _Reaped, _tail, free_port
 from .waits import wait_for
 
-__all__ = ["NatsCluster", "nats_server_bin", "VERSION_FLOOR"]
+__all__ = ["NatsCluster", "NetHosts", "nats_server_bin", "VERSION_FLOOR"]
 
 VERSION_FLOOR = (2, 11, 0)  # consumer priority groups (pinned_client) and UNPIN
 
@@ -214,3 +214,71 @@ class NatsCluster:
 
     def __repr__(self) -> str:
         return f"NatsCluster({str(self.base_dir)!r}, ports={self.client_ports})"
+
+
+class NetHosts:
+    """Hosts as network namespaces on one bridge, for tests in which a host must vanish.
+
+    ``core`` holds the bridge and the cluster's addresses (the NATS nodes, the devices);
+    each ``add_host`` is a namespace with one veth leg on the bridge. ``cut(host)`` takes
+    the bridge side of that leg down: packets vanish without a reset, as in a real network
+    partition (this kernel has no netem). Every address lives inside these namespaces;
+    ``cleanup()`` deletes them (and so their veth pairs).
+    """
+
+    def __init__(self, tag: str, *, subnet: str = "10.231.0") -> None:
+        self.tag = tag
+        self.subnet = subnet
+        self.core = f"vgc{tag}"
+        self.hosts: dict[str, tuple[str, str]] = {}  # name -> (namespace, bridge-side interface)
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise ServiceError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+    def create(self, core_addresses: Sequence[str]) -> None:
+        self._ip("netns", "add", self.core)
+        self._ip("-n", self.core, "link", "set", "lo", "up")
+        self._ip("-n", self.core, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.core, "link", "set", "br0", "up")
+        for a in core_addresses:
+            self._ip("-n", self.core, "addr", "add", f"{a}/24", "dev", "br0")
+
+    def add_host(self, name: str, address: str) -> str:
+        """A namespace ``name`` reaching the core at ``address``; returns the namespace."""
+        ns = f"vgh{self.tag}{name}"
+        leg = f"l{self.tag}{name}"[:15]
+        self._ip("netns", "add", ns)
+        self.hosts[name] = (ns, leg)
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", self.core, "link", "add", leg, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self._ip("-n", self.core, "link", "set", leg, "master", "br0", "up")
+        self._ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        self._ip("-n", ns, "link", "set", "eth0", "up")
+        return ns
+
+    def cut(self, name: str) -> None:
+        self._ip("-n", self.core, "link", "set", self.hosts[name][1], "down")
+
+    def heal(self, name: str) -> None:
+        self._ip("-n", self.core, "link", "set", self.hosts[name][1], "up")
+
+    def enter(self, namespace: str) -> None:
+        """Move the calling thread into ``namespace`` (sockets it opens from then on live there)."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise ServiceError(f"setns({namespace}) failed: errno {ctypes.get_errno()}")
+        finally:
+            os.close(fd)
+
+    def cleanup(self) -> None:
+        for ns, _ in self.hosts.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.core], capture_output=True, timeout=30)
+        self.hosts.clear()
