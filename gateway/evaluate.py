@@ -101,11 +101,17 @@ class Evaluator:
         waveform: Sequence[tuple[str, str, int, float]],
         open_events: Iterable[AlertEvent],
         latest: Mapping[str, int],
+        recent: Sequence[tuple[str, str, str, int, float]] = (),
     ) -> list[AlertEvent]:
         """Seed check state and active alert episodes kept elsewhere (storage, after a restart);
         return the episodes not restored (see ``AlertEngine.restore``)."""
         self.state.seed(numeric, numeric_ref, waveform)
-        return self.engine.restore(open_events, latest)
+        return self.engine.restore(open_events, latest, recent)
+
+    @property
+    def run_window_ms(self) -> int:
+        """How far back of a metric's latest reading a threshold rule's run can reach (``restore``)."""
+        return self.engine.run_window_ms
 
 
 def _dedupe(keys: Sequence[Key], known: Container[Key]) -> list[int] | None:

@@ -56,7 +56,9 @@ class Restorer:
         numeric = [k for k, kind in pairs.items() if kind == "numeric"]
         waveform = [k for k, kind in pairs.items() if kind == "waveform"]
         try:
-            hist: History = await self._retry("history", lambda: self.store.history(devices, numeric, waveform))
+            runs_ms = self.evaluator.run_window_ms
+            hist: History = await self._retry(
+                "history", lambda: self.store.history(devices, numeric, waveform, **({"runs_ms": runs_ms} if runs_ms else {})))
         except SinkError as exc:
             log.error("Stored state lookup refused; these devices start without history.",
                       extra={"error": str(exc), "devices": len(devices)})
@@ -67,7 +69,8 @@ class Restorer:
                        profile_of.get(e.device_id))
             for e in hist.open_alerts
         ]
-        for e in self.evaluator.restore(hist.numeric, hist.numeric_ref, hist.waveform, opened, hist.latest):
+        recent = [(d, profile_of[d], m, t, v) for d, m, t, v in hist.recent if d in profile_of]
+        for e in self.evaluator.restore(hist.numeric, hist.numeric_ref, hist.waveform, opened, hist.latest, recent):
             # the rule is not in the profile the device reports now (renamed, profile changed)
             log.warning("Active alert episode not restored: unknown rule for the device's profile.",
                         extra={"device_id": e.device_id, "rule": e.rule, "profile": e.profile, "at": e.at})

@@ -39,7 +39,7 @@ class MemorySink:
     async def known(self, keys):  # noqa: ANN001, ANN201
         return {k: self.stored[k] for k in keys if k in self.stored}
 
-    async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
+    async def history(self, devices, numeric=(), waveform=(), runs_ms=0):  # noqa: ANN001, ANN201
         return History()
 
     async def write(self, batch: WriteBatch):  # noqa: ANN201
@@ -240,7 +240,7 @@ class HistorySink(MemorySink):
         self.alerts: list = []
         self.flags: list[int] = []
 
-    async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
+    async def history(self, devices, numeric=(), waveform=(), runs_ms=0):  # noqa: ANN001, ANN201
         self.lookups.append(list(devices))
         assert ("po-1", "spo2") in numeric or "po-1" not in devices
         assert {m for d, m in waveform} <= {"pleth"}

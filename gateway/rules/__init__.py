@@ -13,7 +13,7 @@ in name order and rules in file order; that number also orders simultaneous even
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,7 +181,15 @@ class AlertEngine:
                 event = AlertEvent("close", self._devices.names[d], r.rule.name, r.rule.priority, None, t, None, env, r.profile)
                 keyed.append(((env, kind, i, -len(self._rules) + col), event))
 
-    def restore(self, open_events: Iterable[AlertEvent], latest: Mapping[str, int]) -> list[AlertEvent]:
+    @property
+    def run_window_ms(self) -> int:
+        """The longest ``for_s`` of a threshold rule, in ms: a run that has not opened its
+        alert began within that long of the latest reading (0 without threshold rules)."""
+        spans = [r.rule.for_s for r in self._rules if r.rule.when != "silent"]
+        return int(max(spans, default=0.0) * 1000) + 1000 if spans else 0
+
+    def restore(self, open_events: Iterable[AlertEvent], latest: Mapping[str, int],
+                recent: Sequence[tuple[str, str, str, int, float]] = ()) -> list[AlertEvent]:
         """Restore state kept elsewhere (the stored alerts and readings, after a restart).
 
         Only devices the engine has no state for yet (never evaluated, nothing restored) are
@@ -192,12 +200,16 @@ class AlertEngine:
                 the profile whose rule ``rule`` is. They count as open: the next reading that
                 clears a threshold rule (any next reading, for ``silent``) closes them.
             latest: per device, the latest reading time (epoch ms), for ``silent``.
+            recent: ``(device, profile, metric, t, value)`` of the readings stored within
+                ``run_window_ms`` of each metric's latest, artifacts left out, in stored
+                order: the threshold rules' runs in progress are rebuilt from them, so a
+                run that began before a restart (or a hand-over) opens when it would have.
 
         Returns:
             The events not restored: unknown (profile, rule), or a device with state already.
         """
         events = list(open_events)
-        names = list(latest) + [e.device_id for e in events]
+        names = list(latest) + [e.device_id for e in events] + [r[0] for r in recent]
         if not names:
             return []
         ids = self._device_ids(np.array(names, dtype=object))
@@ -205,6 +217,7 @@ class AlertEngine:
         lat = self._silent.latest
         fresh = {d for d in set(dev_of.values()) if lat[d] == np.iinfo(np.int64).min and not self._threshold.busy[d]
                  and not self._silent.open[d].any()}
+        self._restore_runs([r for r in recent if dev_of[r[0]] in fresh], dev_of)
         skipped: list[AlertEvent] = []
         for e in events:
             d = dev_of[e.device_id]
@@ -226,6 +239,29 @@ class AlertEngine:
             if d in fresh:
                 lat[d] = max(int(lat[d]), int(t))
         return skipped
+
+    def _restore_runs(self, recent: Sequence[tuple[str, str, str, int, float]], dev_of: Mapping[str, int]) -> None:
+        """Feed stored readings through the threshold rules for their runs only: whether an
+        episode is open comes from the stored episodes (``restore``), not from this window."""
+        if not recent:
+            return
+        dev = np.array([dev_of[r[0]] for r in recent], dtype=np.int64)
+        pid = self._profiles.ids(np.array([r[1] for r in recent], dtype=object))
+        mid = self._metrics.ids(np.array([r[2] for r in recent], dtype=object))
+        pm = self._pm(pid, mid)
+        count = self._count[pm]
+        chosen = np.flatnonzero(count > 0)
+        if not len(chosen):
+            return
+        count = count[chosen]
+        total = int(count.sum())
+        reading = np.repeat(chosen, count)
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        rule = self._flat[np.repeat(self._start[pm[chosen]], count) + within]
+        t = np.array([r[3] for r in recent], dtype=np.int64)[reading]
+        v = np.array([r[4] for r in recent], dtype=np.float64)[reading]
+        self._threshold.evaluate(dev[reading], rule, t, v)
+        self._threshold.reset_open(np.unique(dev))
 
     def forget(self, devices: Iterable[str]) -> None:
         """Drop the state of ``devices`` (another process evaluated them meanwhile): the next

@@ -75,6 +75,12 @@ class ThresholdRules:
         self.run_t[slots] = 0
         self.busy[device] = False
 
+    def reset_open(self, device: np.ndarray) -> None:
+        """Mark every rule of ``device`` closed, keeping the runs (``busy`` follows them)."""
+        slots = (device[:, None] * self.n_rules + np.arange(self.n_rules)).ravel()
+        self.open[slots] = False
+        self.busy[device] = self.run[slots].reshape(-1, self.n_rules).any(axis=1)
+
     def grow(self, n_devices: int) -> None:
         if n_devices <= len(self.busy):
             return

@@ -128,13 +128,15 @@ class TimescaleSink:
         return await reads.known(self._require_pool(), keys) if keys else {}
 
     async def history(
-        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()
+        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = (),
+        *, runs_ms: int = 0,
     ) -> History:
         """The open alert episodes of ``devices`` and the latest stored rows of the given
-        (device, metric) pairs, numeric and waveform (one query per kind, whole batch)."""
+        (device, metric) pairs, numeric and waveform (one query per kind, whole batch), and
+        with ``runs_ms`` the numeric pairs' readings within that long before their latest."""
         if not devices:
             return History()
-        return await reads.history(self._require_pool(), devices, numeric, waveform)
+        return await reads.history(self._require_pool(), devices, numeric, waveform, runs_ms=runs_ms)
 
     async def write(self, batch: WriteBatch) -> list[int | None]:
         pool = self._require_pool()

@@ -71,3 +71,25 @@ def test_restore_leaves_devices_with_state_and_unknown_rules_alone() -> None:
     assert engine.active() == []
     assert run(engine, [spo2(2, 93, device="po-r4")]) == []
     assert int(np.int64(engine.next_deadline() or 0)) == T0 + 32_000  # latest not restored either
+
+
+def test_a_run_in_progress_is_rebuilt_from_the_recent_readings_and_opens_when_it_would_have() -> None:
+    whole = AlertEngine(PROFILES)
+    opened_at = [e.at for e in run(whole, [spo2(i, 88, device="po-r6") for i in range(15)]) if e.event == "open"]
+    assert opened_at == [T0 + 10_000]
+    engine = AlertEngine(PROFILES)
+    assert engine.run_window_ms >= 10_000
+    recent = [("po-r6", PO, "spo2", T0 + i * 1000, 88.0) for i in range(6)]  # stored before the hand-over
+    assert engine.restore([], {"po-r6": T0 + 5000}, recent) == []
+    assert engine.active() == []  # a run is no episode
+    events = run(engine, [spo2(i, 88, device="po-r6") for i in range(6, 15)])
+    assert [(e.event, e.at) for e in events] == [("open", T0 + 10_000)]
+
+
+def test_a_broken_run_is_not_rebuilt_and_stored_episodes_decide_what_is_open() -> None:
+    engine = AlertEngine(PROFILES)
+    recent = [("po-r7", PO, "spo2", T0 + i * 1000, 88.0 if i != 3 else 97.0) for i in range(12)]
+    engine.restore([], {"po-r7": T0 + 11_000}, recent)  # this window alone would open at 14 s ...
+    assert engine.active() == []  # ... but storage has no open episode: none is invented
+    events = run(engine, [spo2(i, 88, device="po-r7") for i in range(12, 15)])
+    assert [(e.event, e.at) for e in events] == [("open", T0 + 14_000)]  # the run began at 4 s
