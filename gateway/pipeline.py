@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 from gateway.acks import Acknowledger, AlertPublisher, CommitListener
@@ -112,6 +112,12 @@ class Pipeline:
         wrote them meanwhile (cluster mode), so they are restored from storage when next seen."""
         self._evaluator.forget(sorted(devices))
         self._restorer.forget(devices)
+
+    def scope_clock(self, held_back: Callable[[], bool], scope: Callable[[list[AlertEvent]], list[AlertEvent]]) -> None:
+        """Let the source hold the ``silent`` ticks back and narrow their events (cluster mode:
+        see ``gateway.ticker`` and ``gateway.sources.nats``)."""
+        self._ticker.held_back = held_back
+        self._ticker.scope = scope
 
     def add_alert_publisher(self, publish: AlertPublisher) -> None:
         """Call ``publish(events)`` after each commit that opened or closed alerts."""

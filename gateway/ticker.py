@@ -3,7 +3,10 @@
 Every ``tick_s`` the alert rules' clock advances to the wall time, which opens ``silent``
 episodes for devices that stopped sending. That tick waits while the gateway is behind: its
 payload budget was full (``backed_up``), or the newest reading of a batch lagged the wall
-clock by more than ``behind_lag_s``, within the last ``behind_hold_s``.
+clock by more than ``behind_lag_s``, within the last ``behind_hold_s``; or the source says
+its view of the devices is incomplete (``held_back``: in cluster mode, a partition not read
+up to now). ``scope`` may narrow a tick's events (cluster mode: to the devices of the
+partitions this process holds, stamped with their epoch for the commit's fence).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+
+from collections.abc import Callable
 
 from gateway.clock import Clock
 from gateway.evaluate import Evaluator
@@ -33,6 +38,8 @@ class Ticker:
         self.behind_hold_s = behind_hold_s
         self.next_tick = clock.monotonic() + tick_s
         self.deferred = 0  # ticks that waited because the gateway was behind
+        self.held_back: Callable[[], bool] = lambda: False
+        self.scope: Callable[[list[AlertEvent]], list[AlertEvent]] = lambda events: events
         self._behind_until = 0.0  # monotonic time until which ticks wait
         self._deferring = False
 
@@ -45,7 +52,7 @@ class Ticker:
         if now < self.next_tick:
             return []
         self.next_tick = now + self.tick_s
-        if backed_up:
+        if backed_up or self.held_back():
             self._behind_until = now + self.behind_hold_s
         if now < self._behind_until:
             # While a backlog drains, the devices' messages wait at the broker: they are not
@@ -61,7 +68,8 @@ class Ticker:
         if self._deferring:
             self._deferring = False
             log.info("Intake caught up; silent-device checks resume.")
-        return self.evaluator.tick(int(self.clock.wall() * 1000))
+        events = self.evaluator.tick(int(self.clock.wall() * 1000))
+        return self.scope(events) if events else events
 
     def note_lag(self, num_t: np.ndarray, wav_t0: np.ndarray) -> None:
         """Remember that the gateway is behind when even the newest reading of a batch is old."""

@@ -26,7 +26,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.sinks": ("gateway.sinks", "gateway.model", "gateway.errors", "gateway.config", "gateway.metrics",
                       "gateway.retry", "gateway.decode"),
     # cluster mode: the engine's API, membership and the commit fence; the NATS source uses them
-    "gateway.cluster": ("gateway.cluster", "gateway.config", "gateway.errors", "gateway.retry", "gateway.sinks",
+    "gateway.cluster": ("gateway.cluster", "gateway.config", "gateway.model", "gateway.errors", "gateway.retry", "gateway.sinks",
                         "gateway.writepolicy"),
     "gateway.sources.nats": ("gateway.sources", "gateway.cluster", "gateway.model", "gateway.config",
                              "gateway.metrics", "gateway.retry", "gateway.errors"),

@@ -87,6 +87,15 @@ class Layout:
         tail = f".{self.generation}.{{{{partition({n},1)}}}}"
         return {self.subject: wild + tail, self.ingest_subject: f"$MQTT.msgs.{wild}{tail}"}
 
+    def partition_of(self, device_id: str) -> int:
+        """The partition the servers' ``partition(n, wildcard)`` mapping gives a device: FNV-1a
+        (32 bit) of the subject token, modulo the count (checked against the servers by the
+        cluster tests)."""
+        h = 0x811C9DC5
+        for b in device_id.replace(".", "//").encode():
+            h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+        return h % self.partitions
+
     def ingest(self, device_id: str) -> str:
         """Where an envelope posted over HTTPS is published: mapped into the device's partition."""
         return self.ingest_subject.replace("*", device_id.replace(".", "//"))

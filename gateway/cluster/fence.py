@@ -5,14 +5,18 @@ A gateway that gets a partition's pin *claims* it: when another owner held it, t
 goes up. Every message carries the epoch its partition had when it was pulled
 (``Delivery.epoch``). The commit transaction of every batch first locks the rows of the
 partitions it touches (``FOR SHARE``) and keeps only what was pulled under the current
-epoch by this owner; the rest (envelopes, their rejects and alert events, clock alerts of
-the partition's devices) is left out, not acknowledged, and redelivered to the new owner.
-A claim waits for the transactions holding the lock, so a takeover never interleaves
-with its predecessor's last commit.
+epoch by this owner; the rest (envelopes, their rejects and alert events) is left out, not
+acknowledged, and redelivered to the new owner. Alerts the clock opens (``silent``) have no
+message: they are ``stamp``ed with the partition and epoch held when the tick raised them,
+and are kept only when that epoch is still the current one, so a tick computed from state
+of a partition since lost (or lost and taken back) commits nothing. A claim waits for the
+transactions holding the lock, so a takeover never interleaves with its predecessor's last
+commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -21,6 +25,7 @@ from typing import Protocol
 import asyncpg
 
 from gateway.errors import SinkError
+from gateway.model import AlertEvent
 from gateway.retry import DATABASE_ERRORS, is_retriable
 from gateway.sinks import WriteBatch
 from gateway.writepolicy import subset
@@ -65,18 +70,32 @@ class Fence:
         held_epoch: The epoch this process holds for a consumer (None: not held).
         deposed: Called with the consumers found taken over, before the commit.
         left_out: Called with the number of envelopes left out of a commit.
+        stale: Called with the devices whose clock alerts were left out (their state is stale).
     """
+
+    _MAX_STAMPS = 100_000  # clock alerts awaiting their commit; older ones go first
 
     def __init__(self, dsn: str, owner: str, *, consumer_of_device: Callable[[str], str | None],
                  held_epoch: Callable[[str], int | None], deposed: Callable[[set[str]], None],
-                 left_out: Callable[[int], None] = lambda _n: None) -> None:
+                 left_out: Callable[[int], None] = lambda _n: None,
+                 stale: Callable[[set[str]], None] = lambda _d: None) -> None:
         self.dsn = dsn
         self.owner = owner
         self._consumer_of = consumer_of_device
         self._held = held_epoch
         self._deposed = deposed
         self._left_out = left_out
+        self._stale = stale
         self._conn: asyncpg.Connection | None = None
+        self._claiming = asyncio.Lock()  # one connection: claims of several partitions take turns
+        self._stamps: dict[AlertEvent, tuple[str, int]] = {}
+
+    def stamp(self, event: AlertEvent, consumer: str, epoch: int) -> None:
+        """Record the partition and epoch a clock-raised ``event`` was computed under."""
+        if len(self._stamps) >= self._MAX_STAMPS:
+            for old in list(self._stamps)[: self._MAX_STAMPS // 2]:
+                del self._stamps[old]  # never committed (the write failed for good): left out
+        self._stamps[event] = (consumer, epoch)
 
     async def start(self) -> None:
         self._conn = await asyncpg.connect(self.dsn, timeout=10)
@@ -89,23 +108,27 @@ class Fence:
 
     async def claim(self, consumer: str) -> tuple[int, bool]:
         """Record this process as the consumer's owner: ``(epoch, taken over from another owner)``."""
-        try:
-            if self._conn is None or self._conn.is_closed():
-                await self.start()
-            assert self._conn is not None
-            epoch = await self._conn.fetchval(_CLAIM, consumer, self.owner)
-            if epoch is not None:
-                return int(epoch), True
-            return int(await self._conn.fetchval("SELECT epoch FROM partition_owners WHERE consumer = $1", consumer)), False
-        except DATABASE_ERRORS as exc:
-            self._conn = None
-            raise SinkError(f"partition claim failed: {exc}", retriable=is_retriable(exc)) from exc
+        async with self._claiming:
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    await self.start()
+                assert self._conn is not None
+                epoch = await self._conn.fetchval(_CLAIM, consumer, self.owner)
+                if epoch is not None:
+                    return int(epoch), True
+                got = await self._conn.fetchval("SELECT epoch FROM partition_owners WHERE consumer = $1", consumer)
+                return int(got), False
+            except DATABASE_ERRORS as exc:
+                self._conn = None
+                raise SinkError(f"partition claim failed: {exc}", retriable=is_retriable(exc)) from exc
 
     async def __call__(self, conn: asyncpg.Connection, wb: WriteBatch) -> None:
         """Lock the batch's partitions and leave out what this owner may no longer commit."""
         env_consumer = [_consumer(r.ack) for r in wb.raws]
         rej_consumer = [_consumer(r.raw.ack) for r in wb.rejected]
-        alert_consumer = [self._consumer_of(ev.device_id) for ev in wb.alerts]
+        # an alert caused by a reading follows its envelope; one raised by the clock carries its stamp
+        clock = [self._stamps.get(ev) if ev.env is None else None for ev in wb.alerts]
+        alert_consumer = [s[0] if s is not None else self._consumer_of(ev.device_id) for s, ev in zip(clock, wb.alerts)]
         touched = {c for c in (*env_consumer, *rej_consumer, *alert_consumer) if c is not None}
         if not touched:
             return
@@ -116,19 +139,29 @@ class Fence:
         def ok(consumer: str | None, epoch: int | None) -> bool:
             return consumer is None or (consumer not in lost and current.get(consumer) == epoch)
 
+        def keep_alert(i: int) -> bool:
+            if wb.alerts[i].env is not None:
+                return alert_consumer[i] is None or alert_consumer[i] not in lost
+            stamp = clock[i]
+            return alert_consumer[i] is None if stamp is None else ok(stamp[0], stamp[1])
+
         keep = [i for i, r in enumerate(wb.raws) if ok(env_consumer[i], _epoch(r.ack))]
+        alerts_kept = [keep_alert(i) for i in range(len(wb.alerts))]
         stale = {c for c in touched if c in current and c not in lost}  # held now, yet some deliveries older
-        if not lost and len(keep) == len(wb.raws) and all(ok(c, _epoch(r.raw.ack)) for c, r in zip(rej_consumer, wb.rejected)):
+        if (not lost and len(keep) == len(wb.raws) and all(alerts_kept)
+                and all(ok(c, _epoch(r.raw.ack)) for c, r in zip(rej_consumer, wb.rejected))):
             return
         if lost:
             self._deposed(lost)
-        _leave_out(wb, keep, lambda i: ok(rej_consumer[i], _epoch(wb.rejected[i].raw.ack)),
-                   lambda i: alert_consumer[i] is None or alert_consumer[i] not in lost)
+        dropped = {wb.alerts[i].device_id for i, k in enumerate(alerts_kept) if not k and wb.alerts[i].env is None}
+        if dropped:
+            self._stale(dropped)  # the engine counts them open: forget, restore from storage when next seen
+        _leave_out(wb, keep, lambda i: ok(rej_consumer[i], _epoch(wb.rejected[i].raw.ack)), lambda i: alerts_kept[i])
         if len(keep) < len(env_consumer):
             self._left_out(len(env_consumer) - len(keep))
-        log.warning("Commit fenced: partitions taken over; their messages are left to the new owner.",
+        log.warning("Commit fenced: what was pulled or raised under a partition's former epoch is left out.",
                     extra={"lost": ",".join(sorted(lost)), "stale": ",".join(sorted(stale)),
-                           "envelopes_left_out": len(env_consumer) - len(keep)})
+                           "envelopes_left_out": len(env_consumer) - len(keep), "clock_alerts_left_out": len(dropped)})
 
 
 def _consumer(ack: object) -> str | None:

@@ -12,8 +12,14 @@ backed up). Messages held longer than half of ``ack_wait_s`` get a progress ack,
 commit does not turn into redeliveries.
 
 It is also the ``Publisher`` of alert events (``alerts_subject``; an MQTT client sees
-``alerts.d1`` as ``alerts/d1``), and the owner of the ``Fence`` the sink checks in every
-commit (``app.py`` wires both).
+``alerts.d1`` as ``alerts/d1``), the owner of the ``Fence`` the sink checks in every
+commit, and the scope of the ``silent`` clock (``app.py`` wires all three). The clock is
+the one part of the rules that does not follow messages: replay's clock is the latest
+receipt seen, so a device is silent only when the stream has been read up to now and
+holds nothing newer of it. Live, the tick therefore waits while this process is
+disconnected or a partition it holds has not been read up to now (``clock_behind``), and
+speaks only for devices of partitions it holds, stamped with their epoch so that the
+fence drops it if the partition changed hands meanwhile (``clock_events``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from gateway.cluster.fence import Fence
 from gateway.cluster.membership import Members, rendezvous
 from gateway.config import NatsConfig
 from gateway.metrics import Metrics
-from gateway.model import RawMessage
+from gateway.model import AlertEvent, RawMessage
 from gateway.sources import Intake, SourceContext
 from gateway.sources.nats.partition import Delivery, Forget, Partition
 
@@ -74,7 +80,7 @@ class NatsSource:
         self._forget = forget
         self.fence = Fence(dsn, self.owner, consumer_of_device=self.consumer_of.get,
                            held_epoch=lambda c: self.parts[self._index(c)].epoch, deposed=self._deposed,
-                           left_out=self.metrics.fenced.inc)
+                           left_out=self.metrics.fenced.inc, stale=self.forget)
         return self.fence
 
     def _index(self, consumer: str) -> int:
@@ -145,10 +151,18 @@ class NatsSource:
 
     # ---------------------------------------------------------------- membership and ownership
     async def _membership(self) -> None:
-        """Heartbeat every third of the TTL; list the members twice a second; follow rendezvous."""
+        """Heartbeat every third of the TTL; list the members twice a second; follow rendezvous.
+
+        While the bucket had no leader (6-7 s after a node dies) every member's heartbeat
+        failed and their keys expired: right after it answers again, the list shows only the
+        members whose heartbeat got through first. Departures are believed only once the
+        bucket has answered for a whole TTL (every live member has heartbeated since);
+        arrivals at once. Without that, a node kill moved partitions back and forth.
+        """
         assert self.members is not None
         last_beat = 0.0
         opened = False
+        answering_since: float | None = None
         while True:
             try:
                 if not opened:
@@ -161,8 +175,13 @@ class NatsSource:
                 live = await self.members.live()
             except Exception as exc:  # noqa: BLE001 - no leader or no connection: keep what we have
                 log.debug("Membership unavailable.", extra={"error": str(exc)})
+                answering_since = None
                 await asyncio.sleep(_POLL_S)
                 continue
+            if answering_since is None:
+                answering_since = time.monotonic()
+            if time.monotonic() - answering_since < self.cfg.member_ttl_s and self._live:
+                live = live | self._live
             if live != self._live:
                 log.info("Members changed.", extra={"members": ",".join(sorted(live))})
                 self._live = live
@@ -185,6 +204,33 @@ class NatsSource:
 
     def forget(self, devices: set[str]) -> None:
         self._forget(set(devices))
+
+    # ---------------------------------------------------------------- the silent clock (Pipeline.scope_clock)
+    def clock_behind(self) -> bool:
+        """True while ticks would mistake messages waiting in the engine for silence."""
+        if not self.connected:
+            return True
+        limit = time.monotonic() - (self.cfg.pull_expires_s + 2.0)
+        return any(p.epoch is not None and (p.drained_at is None or p.drained_at < limit) for p in self.parts)
+
+    def clock_events(self, events: list[AlertEvent]) -> list[AlertEvent]:
+        """The tick's events for devices of partitions held now, each stamped with the epoch."""
+        assert self.fence is not None
+        keep, stale = [], set()
+        for ev in events:
+            consumer = self.consumer_of.get(ev.device_id)
+            if consumer is None:  # not a device of the stream (HTTPS): not partitioned
+                keep.append(ev)
+                continue
+            part = self.parts[self._index(consumer)]
+            if part.epoch is None or ev.device_id not in part.devices:
+                stale.add(ev.device_id)
+                continue
+            self.fence.stamp(ev, consumer, part.epoch)
+            keep.append(ev)
+        if stale:
+            self.forget(stale)
+        return keep
 
     # ---------------------------------------------------------------- intake
     def room(self) -> int:
