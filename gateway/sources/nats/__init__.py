@@ -31,7 +31,7 @@ import time
 
 import nats
 
-from gateway.cluster.engine import Layout, connect
+from gateway.cluster.engine import EngineError, Layout, connect
 from gateway.cluster.fence import Fence
 from gateway.cluster.membership import Members, rendezvous
 from gateway.config import NatsConfig
@@ -155,9 +155,10 @@ class NatsSource:
 
         While the bucket had no leader (6-7 s after a node dies) every member's heartbeat
         failed and their keys expired: right after it answers again, the list shows only the
-        members whose heartbeat got through first. Departures are believed only once the
-        bucket has answered for a whole TTL (every live member has heartbeated since);
-        arrivals at once. Without that, a node kill moved partitions back and forth.
+        members whose heartbeat got through first, or none. A list without this member's own
+        key is not believed at all, and departures only once the bucket has answered for a
+        whole TTL (every live member has heartbeated since); arrivals at once. Without that,
+        a node kill moved partitions back and forth.
         """
         assert self.members is not None
         last_beat = 0.0
@@ -173,6 +174,8 @@ class NatsSource:
                     await self.members.heartbeat()
                     last_beat = now
                 live = await self.members.live()
+                if self.member not in live:  # our own key, renewed within a third of the TTL, is missing
+                    raise EngineError("the member list is incomplete (the bucket is recovering)")
             except Exception as exc:  # noqa: BLE001 - no leader or no connection: keep what we have
                 log.debug("Membership unavailable.", extra={"error": str(exc)})
                 answering_since = None

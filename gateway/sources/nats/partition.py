@@ -125,7 +125,7 @@ class Partition:
             sent_at = time.monotonic()
             try:
                 await src.nc.publish(subject, orjson.dumps(body), reply=self._inbox)
-                await asyncio.wait_for(self._pull_done.wait(), src.cfg.pull_expires_s + 2.0)
+                await asyncio.wait_for(self._pull_done.wait(), src.cfg.pull_expires_s + 1.0)  # no answer: a leader gone
             except asyncio.TimeoutError:
                 self._status = "timeout"
             except Exception as exc:  # noqa: BLE001 - disconnected: the client reconnects
