@@ -115,7 +115,8 @@ class Gateway:
             self.pipeline.add_alert_publisher(alerts.publish)
         nats = self.sources.get("nats")
         if nats is not None:  # cluster mode: claims and the commit fence, alerts published on NATS
-            self.sink.fence = nats.bind(cfg.database.url, self.pipeline.forget)  # type: ignore[attr-defined]
+            self.sink.fence = nats.bind(cfg.database.url, self.pipeline.forget,  # type: ignore[attr-defined]
+                                        self.pipeline.adopt, self.pipeline.silent_after_s)
             self.pipeline.scope_clock(nats.clock_behind, nats.clock_events)  # type: ignore[attr-defined]
             alerts = AlertPublication(nats, topic=cfg.nats.alerts_subject,  # type: ignore[arg-type]
                                       max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)

@@ -108,6 +108,10 @@ class Evaluator:
         self.state.seed(numeric, numeric_ref, waveform)
         return self.engine.restore(open_events, latest, recent)
 
+    def arm(self, devices: Sequence[str], profiles: Sequence[str]) -> list[str]:
+        """Arm the ``silent`` rules of ``devices`` (under ``profiles``) that have a latest reading time."""
+        return self.engine.arm(devices, profiles)
+
     @property
     def run_window_ms(self) -> int:
         """How far back of a metric's latest reading a threshold rule's run can reach (``restore``)."""

@@ -113,6 +113,21 @@ class Pipeline:
         self._evaluator.forget(sorted(devices))
         self._restorer.forget(devices)
 
+    async def adopt(self, select: Callable[[str], bool], window_s: float) -> list[str]:
+        """Take on the devices ``select`` picks among those heard from within ``window_s`` (cluster
+        mode: the devices of a partition just taken over) before their next reading: their state
+        is restored and their ``silent`` rules armed, so that one that went quiet while the
+        partition changed hands still opens its episode. Returns the devices taken on."""
+        since = int((self._ticker.clock.wall() - window_s) * 1000)
+        rows = await self._policy.retry("recent devices", lambda: self.store.recent_devices(since))
+        devices = {d: self.profiles[p] for d, p in rows if p in self.profiles and select(d)}
+        return await self._restorer.adopt(devices)
+
+    @property
+    def silent_after_s(self) -> float:
+        """The longest ``after_s`` of the profiles' ``silent`` rules (0 without any)."""
+        return max((r.after_s or 0.0 for p in self.profiles.values() for r in p.alerts if r.when == "silent"), default=0.0)
+
     def scope_clock(self, held_back: Callable[[], bool], scope: Callable[[list[AlertEvent]], list[AlertEvent]]) -> None:
         """Let the source hold the ``silent`` ticks back and narrow their events (cluster mode:
         see ``gateway.ticker`` and ``gateway.sources.nats``)."""

@@ -44,8 +44,20 @@ class Restorer:
             dev = key[0]
             if dev not in restored and key not in known:
                 profiles_of.setdefault(dev, {}).setdefault(d.profile.name, d.profile)
-        if not profiles_of:
-            return
+        if profiles_of:
+            await self._lookup(profiles_of)
+
+    async def adopt(self, devices: dict[str, Profile]) -> list[str]:
+        """Take on ``devices`` before any reading of theirs arrives (a partition taken over):
+        restore those not restored yet and arm their ``silent`` rules from the latest stored
+        reading, so that one that went quiet meanwhile opens its episode. Returns those armed."""
+        fresh = {d: {p.name: p} for d, p in devices.items() if d not in self._restored}
+        if fresh:
+            await self._lookup(fresh)
+        return self.evaluator.arm(sorted(devices), [devices[d].name for d in sorted(devices)])
+
+    async def _lookup(self, profiles_of: dict[str, dict[str, Profile]]) -> None:
+        restored = self._restored
         devices = sorted(profiles_of)
         profile_of = {dev: next(iter(profiles_of[dev])) for dev in devices}
         pairs: dict[tuple[str, str], str] = {}  # (device, metric) of the device's profiles -> kind

@@ -272,6 +272,17 @@ class AlertEngine:
         self._silent.forget(ids[ids < len(self._silent.latest)])
         self._threshold.forget(ids[ids < len(self._threshold.busy)])
 
+    def arm(self, devices: Sequence[str], profiles: Sequence[str]) -> list[str]:
+        """Arm the ``silent`` rules of ``devices`` under ``profiles`` as a reading would, for
+        those with a latest reading time (seen or restored); returns those armed."""
+        if not devices:
+            return []
+        ids = self._device_ids(np.array(list(devices), dtype=object))
+        pid = self._profiles.ids(np.array(list(profiles), dtype=object))
+        known = self._silent.latest[ids] != np.iinfo(np.int64).min
+        self._arm(ids[known], pid[known])
+        return [d for d, k in zip(devices, known.tolist()) if k]
+
     def _arm(self, dev: np.ndarray, pid: np.ndarray) -> None:
         """Arm the silent rules of each (device, profile) seen."""
         change = group_first(dev * (len(self._profiles) + 1) + pid)  # runs of equal pairs

@@ -109,3 +109,6 @@ class StateStore(Protocol):
         """What is stored about ``devices`` (see ``History``): their open alert episodes, the
         latest rows of the (device, metric) pairs ``numeric`` and ``waveform``, and with
         ``runs_ms`` the recent readings of the ``numeric`` pairs."""
+
+    async def recent_devices(self, since_ms: int) -> list[tuple[str, str]]:
+        """``(device, profile of its latest envelope)`` of the devices heard from since ``since_ms``."""

@@ -138,6 +138,10 @@ class TimescaleSink:
             return History()
         return await reads.history(self._require_pool(), devices, numeric, waveform, runs_ms=runs_ms)
 
+    async def recent_devices(self, since_ms: int) -> list[tuple[str, str]]:
+        """Devices with an envelope received since ``since_ms``, with their latest profile."""
+        return await reads.recent_devices(self._require_pool(), since_ms)
+
     async def write(self, batch: WriteBatch) -> list[int | None]:
         pool = self._require_pool()
         try:

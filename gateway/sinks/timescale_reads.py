@@ -17,7 +17,7 @@ from gateway.model import ARTIFACT_FLAGS, Flag
 from gateway.retry import DATABASE_ERRORS, is_retriable
 from gateway.sinks import History, OpenEpisode
 
-__all__ = ["HISTORY_WINDOW", "known", "history"]
+__all__ = ["HISTORY_WINDOW", "known", "history", "recent_devices"]
 
 _OUT_OF_ORDER = int(Flag.OUT_OF_ORDER)
 # A reading never becomes ``ref`` when it is an artifact or OUT_OF_ORDER (PROTOCOL section 3).
@@ -91,6 +91,22 @@ async def known(pool: asyncpg.Pool, keys: list[tuple[str, bytes]]) -> dict[tuple
     except DATABASE_ERRORS as exc:
         raise SinkError(f"duplicate lookup failed: {exc}", retriable=is_retriable(exc)) from exc
     return {(r[0], bytes(r[1])): r[2] for r in rows}
+
+
+_RECENT_DEVICES = """
+SELECT device_id, (array_agg(profile ORDER BY received_at DESC))[1] FROM ingests
+WHERE received_at > to_timestamp($1 / 1000.0) GROUP BY device_id
+"""
+
+
+async def recent_devices(pool: asyncpg.Pool, since_ms: int) -> list[tuple[str, str]]:
+    """``(device, profile of its latest envelope)`` of every device with an envelope received since ``since_ms``."""
+    try:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(_RECENT_DEVICES, since_ms)
+    except DATABASE_ERRORS as exc:
+        raise SinkError(f"recent devices lookup failed: {exc}", retriable=is_retriable(exc)) from exc
+    return [(r[0], r[1]) for r in rows if r[1] is not None]
 
 
 async def history(

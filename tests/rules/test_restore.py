@@ -93,3 +93,11 @@ def test_a_broken_run_is_not_rebuilt_and_stored_episodes_decide_what_is_open() -
     assert engine.active() == []  # ... but storage has no open episode: none is invented
     events = run(engine, [spo2(i, 88, device="po-r7") for i in range(12, 15)])
     assert [(e.event, e.at) for e in events] == [("open", T0 + 14_000)]  # the run began at 4 s
+
+
+def test_a_device_taken_on_before_its_next_reading_is_armed_from_its_stored_latest() -> None:
+    engine = AlertEngine(PROFILES)
+    engine.restore([], {"po-r8": T0 + 10_000})
+    assert engine.arm(["po-r8", "po-unknown"], [PO, PO]) == ["po-r8"]  # no latest: nothing to count from
+    assert engine.next_deadline() == T0 + 40_000
+    assert [(e.rule, e.at) for e in engine.tick(T0 + 40_001)] == [("probe_silent", T0 + 40_000)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 import secrets
 import time
 
@@ -44,6 +45,10 @@ __all__ = ["NatsSource", "build"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.5
+# Devices heard from within the longest silent after_s plus this are taken on with a
+# partition: a device that went quiet just before its partition's owner failed is among them.
+_ADOPT_MARGIN_S = 60.0
+Adopt = Callable[[Callable[[str], bool], float], Awaitable[list[str]]]
 
 
 def build(cfg: NatsConfig, ctx: SourceContext) -> NatsSource:
@@ -69,15 +74,20 @@ class NatsSource:
         self.in_flight = 0
         self.taking = True
         self._forget: Forget = lambda _devices: None
+        self._adopt: Adopt | None = None
+        self._adopt_window_s = 0.0
         self._acks: list[tuple[str, bytes]] = []
         self._acks_ready = asyncio.Event()
         self._room = asyncio.Event()
         self._closing = asyncio.Event()
         self._live: set[str] = set()
 
-    def bind(self, dsn: str, forget: Forget) -> Fence:
-        """Wire the database (claims, the commit fence) and the pipeline's ``forget``; return the fence."""
+    def bind(self, dsn: str, forget: Forget, adopt: Adopt | None = None, silent_after_s: float = 0.0) -> Fence:
+        """Wire the database (claims, the commit fence) and the pipeline's ``forget`` and
+        ``adopt``; return the fence."""
         self._forget = forget
+        self._adopt = adopt
+        self._adopt_window_s = silent_after_s + _ADOPT_MARGIN_S
         self.fence = Fence(dsn, self.owner, consumer_of_device=self.consumer_of.get,
                            held_epoch=lambda c: self.parts[self._index(c)].epoch, deposed=self._deposed,
                            left_out=self.metrics.fenced.inc, stale=self.forget)
@@ -207,6 +217,26 @@ class NatsSource:
 
     def forget(self, devices: set[str]) -> None:
         self._forget(set(devices))
+
+    async def adopt(self, part: Partition, epoch: int) -> None:
+        """Take on the partition's devices heard from lately, before any new reading of theirs:
+        one that went quiet while the partition changed hands has no reading to arm its
+        ``silent`` rule here, yet must still open its episode."""
+        if self._adopt is None or not self._adopt_window_s > _ADOPT_MARGIN_S:
+            return
+        try:
+            devices = await self._adopt(lambda d: self.layout.partition_of(d) == part.index, self._adopt_window_s)
+        except Exception as exc:  # noqa: BLE001 - the devices are taken on when their readings come
+            log.warning("Devices of a partition taken over not looked up.", extra={"partition": part.consumer,
+                                                                                   "error": str(exc)})
+            return
+        if part.epoch != epoch:  # lost meanwhile: release() forgot what it knew; these too
+            self.forget(set(devices))
+            return
+        for d in devices:
+            part.devices.add(d)
+            self.consumer_of[d] = part.consumer
+        log.info("Devices of the partition taken on.", extra={"partition": part.consumer, "devices": len(devices)})
 
     # ---------------------------------------------------------------- the silent clock (Pipeline.scope_clock)
     def clock_behind(self) -> bool:

@@ -92,6 +92,7 @@ class Partition:
         self._pull_done: asyncio.Event = asyncio.Event()
         self._status = ""
         self._gate_task: asyncio.Task[None] | None = None
+        self._adopt_task: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -251,6 +252,7 @@ class Partition:
         self.pin, self.epoch, self.drained_at = pin, epoch, None
         self.gate = {}
         self._gate_task = asyncio.create_task(self._open_gate(epoch), name=f"nats-gate-{self.consumer}")
+        self._adopt_task = asyncio.create_task(src.adopt(self, epoch), name=f"nats-adopt-{self.consumer}")
         src.metrics.partition_changes.labels("taken").inc()
         src.owned_changed()
         log.info("Partition taken.", extra={"partition": self.consumer, "epoch": epoch, "from_other_owner": taken})
