@@ -198,6 +198,11 @@ class NatsCluster:
         self.kill(i)
         self.start_node(i, timeout)
 
+    def pid(self, i: int) -> int | None:
+        """The nats-server process of node ``i`` (None when it is not running)."""
+        reaped = self._reaped[i]
+        return reaped.child_pid if reaped is not None and reaped.alive() else None
+
     def is_running(self, i: int) -> bool:
         reaped = self._reaped[i]
         return reaped is not None and reaped.alive()
