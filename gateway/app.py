@@ -132,6 +132,14 @@ class Gateway:
             alerts = AlertPublication(mqtt, topic=cfg.mqtt.alerts_topic,  # type: ignore[arg-type]
                                       max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)
             self.pipeline.add_alert_publisher(alerts.publish)
+        nats = self.sources.get("nats")
+        if nats is not None:  # cluster mode: claims and the commit fence, alerts published on NATS
+            self.sink.fence = nats.bind(cfg.database.url, self.pipeline.forget,  # type: ignore[attr-defined]
+                                        self.pipeline.restore_recent, self.pipeline.ticker.silent_after_s)
+            self.pipeline.ticker.scope_to(nats.clock_behind, nats.clock_events)  # type: ignore[attr-defined]
+            alerts = AlertPublication(nats, topic=cfg.nats.alerts_subject,  # type: ignore[arg-type]
+                                      max_queued=cfg.mqtt.alerts_max_queued, metrics=self.metrics)
+            self.pipeline.add_alert_publisher(alerts.publish)
         http = self.sources.get("http")
         if http is not None:  # the query API and the live stream are served with HTTPS
             self.read = await ReadSide.open(cfg, profiles, self.pipeline)
@@ -150,11 +158,12 @@ class Gateway:
         """Arm the ``silent`` rules of the devices (this worker owns) that reported recently, so
         one that went quiet while the gateway was down still opens its alert."""
         horizon = self.config.checks.silent_restore_horizon_s
-        if not horizon:
-            return
+        if not horizon or self.config.nats.enabled:
+            return  # cluster mode: no partition is held yet; each one takes its devices on when taken
         index, count = worker_index() or 0, self.config.workers
-        n = await pipeline.restore_recent(horizon, lambda d: count <= 1 or owner_of(d, count) == index)
-        log.info("Recent devices restored; their silent rules are armed.", extra={"devices": n, "horizon_s": horizon})
+        taken = await pipeline.restore_recent(horizon, lambda d: count <= 1 or owner_of(d, count) == index)
+        log.info("Recent devices restored; their silent rules are armed.",
+                 extra={"devices": len(taken), "horizon_s": horizon})
 
     async def _check_replication(self) -> None:
         """Log which server the sink reached and what its commits wait for; refuse to start

@@ -23,6 +23,7 @@ __all__ = [
     "MqttConfig",
     "HttpConfig",
     "SourceSection",
+    "NatsConfig",
     "AuthConfig",
     "BatchConfig",
     "RetryConfig",
@@ -113,6 +114,40 @@ class HttpConfig(SourceSection):
     commit_timeout_s: PosFloat = 30.0  # longest a request waits for its commit before 503
     body_timeout_s: PosFloat = 30.0  # longest a client may take to send its body before 408
     retry_after_s: PosInt = 1  # Retry-After of 503 responses while the writer is backed up
+
+
+class NatsConfig(SourceSection):
+    """Cluster mode: devices publish to NATS JetStream; gateways share its partitions (``gateway.sources.nats``)."""
+
+    servers: str = "nats://127.0.0.1:4222"  # comma-separated: every node, so any one reached will do
+    user: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    # topic devices/{id}/telemetry is subject devices.{id}.telemetry, + .n<partitions>.<p> (``cluster init``)
+    subject: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.\*(\.[A-Za-z0-9_-]+)*$")] = "devices.*.telemetry"
+    partitions: Annotated[int, Meta(ge=1, le=1024)] = 8
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 3  # of the consumers and the membership bucket
+    consumer_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "vg"
+    ack_wait_s: PosFloat = 2.0  # ack_wait + pull_expires_s must stay below priority_timeout_s (order on failover)
+    pull_expires_s: PosFloat = 1.0
+    priority_timeout_s: PosFloat = 5.0
+    max_ack_pending: Annotated[int, Meta(ge=1)] = 2000  # per partition, held by the server
+    pull_batch: Annotated[int, Meta(ge=1, le=10000)] = 500
+    max_in_flight: Annotated[int, Meta(ge=1)] = 10000  # messages this process holds unacknowledged
+    members_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "vg_members"
+    member_ttl_s: Annotated[float, Meta(ge=1)] = 3.0  # a member silent this long is gone
+    alerts_subject: str = "alerts.{device_id}"  # alert events published here after commit (MQTT: alerts/{id})
+    ingest_subject: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.\*$")] = "vgingest.*"
+
+    def __post_init__(self) -> None:
+        if self.ack_wait_s + self.pull_expires_s >= self.priority_timeout_s:
+            raise ValueError(f"nats.ack_wait_s + nats.pull_expires_s ({self.ack_wait_s + self.pull_expires_s:g}) must be below "
+                             f"nats.priority_timeout_s ({self.priority_timeout_s:g}): a partition taken over sees its "
+                             "predecessor's unacknowledged messages again before new ones")
+        if not self.server_list:
+            raise ValueError("nats.servers: at least one server URL")
+
+    server_list = property(lambda self: [u.strip() for u in self.servers.split(",") if u.strip()])
 
 
 class AuthConfig(_Section):
@@ -240,6 +275,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
     database: DatabaseConfig = DatabaseConfig()
     mqtt: MqttConfig = MqttConfig()
+    nats: NatsConfig = NatsConfig()  # source sections in the order of gateway.sources.SOURCES
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
     batch: BatchConfig = BatchConfig()
@@ -256,6 +292,10 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         if not any(section.enabled for section in sources.values()):
             names = " and ".join(f"{name}.enabled" for name in sources)
             raise ValueError(f"{names} are all false: nothing to ingest")
+        if self.nats.enabled and self.mqtt.enabled:  # cluster mode: devices reach the gateway through NATS
+            raise ValueError("nats.enabled and mqtt.enabled: in cluster mode set mqtt.enabled = false")
+        if self.nats.enabled and self.workers > 1:
+            raise ValueError("nats.enabled with workers > 1: run more gateway processes instead (each one a member)")
         if (self.mqtt.tls_cert is None) != (self.mqtt.tls_key is None):
             raise ValueError("mqtt.tls_cert and mqtt.tls_key go together")
         if (self.http.tls_cert is None) != (self.http.tls_key is None):

@@ -84,6 +84,12 @@ class Evaluator:
         events = self.engine.evaluate(num, nflags, wav) if len(num) or len(wav) else []
         return Evaluation(keep, list(items), list(keys), num, nflags, wav, wflags, events)
 
+    def forget(self, devices: Sequence[str]) -> None:
+        """Drop the check and rule state of ``devices``: another process evaluated them
+        meanwhile (cluster mode), so their state must come from storage again."""
+        self.state.forget(devices)
+        self.engine.forget(devices)
+
     def tick(self, now_ms: int) -> list[AlertEvent]:
         """Advance the rules' clock (``silent``) to ``now_ms``."""
         return self.engine.tick(now_ms)
@@ -95,12 +101,22 @@ class Evaluator:
         waveform: Sequence[tuple[str, str, int, float]],
         open_events: Iterable[AlertEvent],
         latest: Mapping[str, int],
-        arm: Mapping[str, str] | None = None,
+        recent: Sequence[tuple[str, str, str, int, float]] = (),
     ) -> list[AlertEvent]:
         """Seed check state and active alert episodes kept elsewhere (storage, after a restart);
-        return the episodes not restored (see ``AlertEngine.restore``, also for ``arm``)."""
+        return the episodes not restored (see ``AlertEngine.restore``, also for ``recent``)."""
         self.state.seed(numeric, numeric_ref, waveform)
-        return self.engine.restore(open_events, latest, arm)
+        return self.engine.restore(open_events, latest, recent)
+
+    def arm(self, devices: Sequence[str], profiles: Sequence[str]) -> list[str]:
+        """Arm the ``silent`` rules of ``devices`` (under ``profiles``) that have a latest reading
+        time, as a reading would (``AlertEngine.arm``: the one arming path besides readings)."""
+        return self.engine.arm(devices, profiles)
+
+    @property
+    def run_window_ms(self) -> int:
+        """How far back of a metric's latest reading a threshold rule's run can reach (``restore``)."""
+        return self.engine.run_window_ms
 
 
 def _dedupe(keys: Sequence[Key], known: Container[Key]) -> list[int] | None:

@@ -116,6 +116,15 @@ class Metrics:
             "gateway_hl7_ack_latency_seconds", "Message written to its ACK read.", buckets=_LATENCY_BUCKETS, registry=r
         )
 
+        # cluster mode (gateway.sources.nats)
+        self.partitions_owned = Gauge("gateway_partitions_owned", "Partitions of the device stream this process holds.",
+                                      registry=r)
+        self.partition_changes = Counter("gateway_partition_changes_total",
+                                         "Partitions taken, handed over, and lost to a new owner.", ["event"], registry=r)
+        self.fenced = Counter("gateway_fenced_envelopes_total",
+                              "Envelopes left out of a commit: their partition had a new owner.", registry=r)
+        self.nats_connected = Gauge("gateway_nats_connected", "1 while connected to a NATS server.", registry=r)
+
     def serve(self, host: str, port: int, routes: Mapping[str, Route] | None = None) -> MetricsServer:
         """Serve ``/metrics`` and ``routes`` (path -> handler) over HTTP from background threads."""
         return MetricsServer(host, port, make_wsgi_app(self.registry), routes or {})

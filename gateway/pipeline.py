@@ -9,7 +9,7 @@ acknowledged before its outcome is committed.
 Each job lives in its own room; this module only wires them:
 ``identity`` (who may write, audit of refusals), ``batching`` (the batch being filled,
 pending-key dedupe), ``evaluate`` (dedupe -> checks -> rules, shared with replay),
-``restore`` (state from storage after a restart), ``writepolicy`` (retry, hold, bisect),
+``restore`` (state from storage after a restart, devices taken on), ``writepolicy`` (retry, hold, bisect),
 ``acks`` (ordered acknowledgement, outcomes, metrics, alert publication) and ``ticker``
 (silent-device ticks, "behind" detection). Time comes from an injected ``Clock``.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import cast
 
 from gateway.acks import Acknowledger, AlertPublisher, CommitListener
@@ -68,8 +68,11 @@ class Pipeline:
         self._batcher = Batcher(max_rows=s.max_rows, max_bytes=s.max_bytes, max_age_s=s.max_age_s, clock=clock)
         self._policy = WritePolicy(sink, self.metrics, retry_initial_s=s.retry_initial_s, retry_max_s=s.retry_max_s)
         self._restorer = Restorer(self.store, self._evaluator, self._policy.retry)
-        self._ticker = Ticker(self._evaluator, clock, tick_s=s.tick_s, behind_lag_s=s.behind_lag_s,
-                              behind_hold_s=s.behind_hold_s)
+        # restore_recent(horizon_s, owns): take devices seen lately on (at start, a partition taken over);
+        # forget(devices): drop their state, another gateway wrote them (cluster mode). See gateway.restore.
+        self.restore_recent, self.forget = self._restorer.restore_recent, self._restorer.forget
+        self.ticker = Ticker(self._evaluator, clock, tick_s=s.tick_s, behind_lag_s=s.behind_lag_s,
+                             behind_hold_s=s.behind_hold_s)  # public: a source may scope its clock
         self._acks = Acknowledger(self.metrics, clock, self._batcher.release)
         self._stopping = False
         self._audit_closed = False  # the writer took its last batch: audit events can only be logged
@@ -182,10 +185,6 @@ class Pipeline:
         if isinstance(exc, IdentityError):
             batch.audit.append(denied_event(raw, exc))
 
-    async def restore_recent(self, horizon_s: float, owns: Callable[[str], bool] = lambda _d: True) -> int:
-        """Before ``run()``: restore the owned devices seen within ``horizon_s``, silent rules armed."""
-        return await self._restorer.restore_recent(horizon_s, owns)
-
     # ----------------------------------------------------------------- writer
     def stop(self) -> None:
         """Stop taking payloads; ``run()`` returns once everything taken is written."""
@@ -194,13 +193,13 @@ class Pipeline:
 
     async def run(self) -> None:
         """Write batches until ``stop()`` was called and nothing is pending."""
-        self._ticker.start()
+        self.ticker.start()
         try:
             while True:
                 if self._write_failed is not None:
                     raise self._write_failed
-                batch = await self._batcher.next(until=self._ticker.next_tick)
-                events = self._ticker.due(backed_up=self.backed_up, held_bytes=self.pending_bytes)
+                batch = await self._batcher.next(until=self.ticker.next_tick)
+                events = self.ticker.due(backed_up=self.backed_up, held_bytes=self.pending_bytes)
                 if batch is None and not events:
                     if self._stopping and self._batcher.idle:
                         self._audit_closed = True
@@ -223,7 +222,7 @@ class Pipeline:
         ev = self._evaluator.evaluate(batch.items, [r.received_at_ms for r in batch.raws], known, batch.keys)
         raws = batch.raws if ev.keep is None else [batch.raws[i] for i in ev.keep]
         if ev.items:
-            self._ticker.note_lag(ev.num.t, ev.wav.t0)
+            self.ticker.note_lag(ev.num.t, ev.wav.t0)
         events = tick_events + ev.events
         wb = WriteBatch(items=ev.items, raws=raws, num=ev.num, num_flags=ev.num_flags, wav=ev.wav,
                         wav_flags=ev.wav_flags, rejected=batch.rejected, alerts=events, audit=batch.audit)

@@ -29,6 +29,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     # the HL7 feed: messages and rendering pure, the outbox's SQL, the sender task
     "gateway.hl7": ("gateway.hl7", "gateway.model", "gateway.profiles", "gateway.config", "gateway.errors",
                     "gateway.metrics", "gateway.retry"),
+    # cluster mode: the engine's API, membership and the commit fence; the NATS source uses them
+    "gateway.cluster": ("gateway.cluster", "gateway.config", "gateway.model", "gateway.errors", "gateway.retry", "gateway.sinks",
+                        "gateway.writepolicy"),
+    "gateway.sources.nats": ("gateway.sources", "gateway.cluster", "gateway.model", "gateway.config",
+                             "gateway.metrics", "gateway.retry", "gateway.errors"),
     "gateway.clock": (),
     "gateway.settings": ("gateway.checks", "gateway.config"),
     "gateway.evaluate": ("gateway.decode", "gateway.checks", "gateway.rules", "gateway.model", "gateway.profiles",

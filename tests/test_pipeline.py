@@ -39,7 +39,7 @@ class MemorySink:
     async def known(self, keys):  # noqa: ANN001, ANN201
         return {k: self.stored[k] for k in keys if k in self.stored}
 
-    async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
+    async def history(self, devices, numeric=(), waveform=(), runs_ms=0):  # noqa: ANN001, ANN201
         return History()
 
     async def write(self, batch: WriteBatch):  # noqa: ANN201
@@ -240,7 +240,7 @@ class HistorySink(MemorySink):
         self.alerts: list = []
         self.flags: list[int] = []
 
-    async def history(self, devices, numeric=(), waveform=()):  # noqa: ANN001, ANN201
+    async def history(self, devices, numeric=(), waveform=(), runs_ms=0):  # noqa: ANN001, ANN201
         self.lookups.append(list(devices))
         assert ("po-1", "spo2") in numeric or "po-1" not in devices
         assert {m for d, m in waveform} <= {"pleth"}
@@ -293,7 +293,7 @@ async def test_recent_devices_are_restored_and_armed_before_any_reading():
     clock = ManualClock(T / 1000 + 200)  # past po-1's latest reading + 30 s (probe_silent)
     pipe = Pipeline(profiles=P, sink=sink, clock=clock, settings=PipelineSettings(
         max_age_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, tick_s=1.0, require_registration=False))
-    assert await pipe.restore_recent(3600.0, owns=lambda d: d != "po-3") == 1
+    assert await pipe.restore_recent(3600.0, owns=lambda d: d != "po-3") == ["po-1"]
     assert sink.recent_asked == [3600.0] and sink.lookups == [["po-1"]]
     task = asyncio.create_task(pipe.run())
 
@@ -411,7 +411,7 @@ async def test_silent_checks_wait_while_a_backlog_drains_and_open_with_the_contr
     pipe = Pipeline(profiles=P, sink=sink, clock=clock, settings=PipelineSettings(
         max_age_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, tick_s=0.02, behind_hold_s=0.3,
         require_registration=False))
-    ticker = pipe._ticker
+    ticker = pipe.ticker
     task = asyncio.create_task(pipe.run())
     old = int(now * 1000) - 60_000
     for k in range(8):

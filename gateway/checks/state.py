@@ -56,6 +56,11 @@ class KeyIndex:
         return out
 
 
+    def slots_of_high(self, high: np.ndarray) -> np.ndarray:
+        """Slots of every code whose high id is in ``high`` (all metrics of some devices)."""
+        return self._slots[np.isin(self._codes >> _LOW_BITS, high)]
+
+
 class Columns:
     """Named per-slot arrays with fill values; ``grow(n)`` makes room for slots ``< n``."""
 
@@ -182,6 +187,17 @@ class CheckState:
             s = s[new]
             w.has_prev[s] = True
             w.prev_t[s], w.prev_dur[s] = t[new], dur[new]
+
+    def forget(self, devices: Sequence[str]) -> None:
+        """Drop the state of ``devices`` (evaluated elsewhere meanwhile): the next ``seed`` sets it."""
+        ids = np.array([i for i in (self.devices.get(d) for d in devices) if i is not None], dtype=_I64)
+        if not len(ids):
+            return
+        for keys, cols in ((self.numeric_keys, self.numeric), (self.waveform_keys, self.waveform)):
+            slots = keys.slots_of_high(ids)
+            cols.has_prev[slots] = False
+            if cols is self.numeric:
+                cols.has_ref[slots] = False
 
     def cached_params(self, key: tuple[Any, ...]) -> Any:
         """The parameter tables built for ``key`` (see ``gateway.checks``), or None."""

@@ -2,7 +2,7 @@
 
 One module per command group registers its parser here: ``run``, ``db``, ``config``,
 ``replay``, ``profiles``, ``devices``, ``keys``, ``retention``, ``hold`` (module ``holds``),
-``export``, ``health``, ``associate`` and ``dissociate``. A command's handler returns its exit
+``export``, ``health``, ``cluster``, ``associate`` and ``dissociate``. A command's handler returns its exit
 status, or a coroutine that ``main`` runs to get it: this module is the only one that chooses
 the event loop (uvloop).
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.cli import config, db, devices, health, keys, profiles, replay, run
-from gateway.cli import export, holds, retention
+from gateway.cli import cluster, export, holds, retention
 from gateway.cli.common import ENV_HELP, CommandError, Refused
 from gateway.errors import ConfigError, GatewayError
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     holds.add_parser(sub)
     health.add_parser(sub)
     export.add_parser(sub)
+    cluster.add_parser(sub)
     from gateway.query.cli import add_parsers as add_association_parsers
 
     add_association_parsers(sub)

@@ -13,7 +13,7 @@ in name order and rules in file order; that number also orders simultaneous even
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,28 +181,36 @@ class AlertEngine:
                 event = AlertEvent("close", self._devices.names[d], r.rule.name, r.rule.priority, None, t, None, env, r.profile)
                 keyed.append(((env, kind, i, -len(self._rules) + col), event))
 
+    @property
+    def run_window_ms(self) -> int:
+        """The longest ``for_s`` of a threshold rule, in ms: a run that has not opened its
+        alert began within that long of the latest reading (0 without threshold rules)."""
+        spans = [r.rule.for_s for r in self._rules if r.rule.when != "silent"]
+        return int(max(spans, default=0.0) * 1000) + 1000 if spans else 0
+
     def restore(self, open_events: Iterable[AlertEvent], latest: Mapping[str, int],
-                arm: Mapping[str, str] | None = None) -> list[AlertEvent]:
+                recent: Sequence[tuple[str, str, str, int, float]] = ()) -> list[AlertEvent]:
         """Restore state kept elsewhere (the stored alerts and readings, after a restart).
 
         Only devices the engine has no state for yet (never evaluated, nothing restored) are
-        touched; the others keep theirs.
+        touched; the others keep theirs. Restoring arms no ``silent`` rule: a device taken on
+        before its next reading is armed by ``arm`` (``gateway.restore``).
 
         Args:
             open_events: the ``open`` events of episodes still active; ``profile`` must name
                 the profile whose rule ``rule`` is. They count as open: the next reading that
                 clears a threshold rule (any next reading, for ``silent``) closes them.
             latest: per device, the latest reading time (epoch ms), for ``silent``.
-            arm: per device, a profile whose ``silent`` rules are armed as if the device had
-                just reported under it: a device that stays quiet opens them at ``latest +
-                after_s`` without a reading after the restart. Devices without a ``latest``
-                are not armed.
+            recent: ``(device, profile, metric, t, value)`` of the readings stored within
+                ``run_window_ms`` of each metric's latest, artifacts left out, in stored
+                order: the threshold rules' runs in progress are rebuilt from them, so a
+                run that began before a restart (or a hand-over) opens when it would have.
 
         Returns:
             The events not restored: unknown (profile, rule), or a device with state already.
         """
         events = list(open_events)
-        names = list(latest) + [e.device_id for e in events]
+        names = list(latest) + [e.device_id for e in events] + [r[0] for r in recent]
         if not names:
             return []
         ids = self._device_ids(np.array(names, dtype=object))
@@ -210,6 +218,7 @@ class AlertEngine:
         lat = self._silent.latest
         fresh = {d for d in set(dev_of.values()) if lat[d] == np.iinfo(np.int64).min and not self._threshold.busy[d]
                  and not self._silent.open[d].any()}
+        self._restore_runs([r for r in recent if dev_of[r[0]] in fresh], dev_of)
         skipped: list[AlertEvent] = []
         for e in events:
             d = dev_of[e.device_id]
@@ -230,11 +239,50 @@ class AlertEngine:
             d = dev_of[name]
             if d in fresh:
                 lat[d] = max(int(lat[d]), int(t))
-        armed = [(dev_of[name], self._profiles[p]) for name, p in (arm or {}).items()
-                 if name in latest and dev_of[name] in fresh]
-        if armed:
-            self._arm(np.array([d for d, _ in armed], dtype=np.int64), np.array([p for _, p in armed], dtype=np.int64))
         return skipped
+
+    def _restore_runs(self, recent: Sequence[tuple[str, str, str, int, float]], dev_of: Mapping[str, int]) -> None:
+        """Feed stored readings through the threshold rules for their runs only: whether an
+        episode is open comes from the stored episodes (``restore``), not from this window."""
+        if not recent:
+            return
+        dev = np.array([dev_of[r[0]] for r in recent], dtype=np.int64)
+        pid = self._profiles.ids(np.array([r[1] for r in recent], dtype=object))
+        mid = self._metrics.ids(np.array([r[2] for r in recent], dtype=object))
+        pm = self._pm(pid, mid)
+        count = self._count[pm]
+        chosen = np.flatnonzero(count > 0)
+        if not len(chosen):
+            return
+        count = count[chosen]
+        total = int(count.sum())
+        reading = np.repeat(chosen, count)
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        rule = self._flat[np.repeat(self._start[pm[chosen]], count) + within]
+        t = np.array([r[3] for r in recent], dtype=np.int64)[reading]
+        v = np.array([r[4] for r in recent], dtype=np.float64)[reading]
+        self._threshold.evaluate(dev[reading], rule, t, v)
+        self._threshold.reset_open(np.unique(dev))
+
+    def forget(self, devices: Iterable[str]) -> None:
+        """Drop the state of ``devices`` (another process evaluated them meanwhile): the next
+        ``restore`` takes theirs from storage."""
+        known = [self._devices.get(d) for d in devices]
+        ids = np.array([i for i in known if i is not None], dtype=np.int64)
+        self._active = {k: e for k, e in self._active.items() if k[0] not in set(ids.tolist())}
+        self._silent.forget(ids[ids < len(self._silent.latest)])
+        self._threshold.forget(ids[ids < len(self._threshold.busy)])
+
+    def arm(self, devices: Sequence[str], profiles: Sequence[str]) -> list[str]:
+        """Arm the ``silent`` rules of ``devices`` under ``profiles`` as a reading would, for
+        those with a latest reading time (seen or restored); returns those armed."""
+        if not devices:
+            return []
+        ids = self._device_ids(np.array(list(devices), dtype=object))
+        pid = self._profiles.ids(np.array(list(profiles), dtype=object))
+        known = self._silent.latest[ids] != np.iinfo(np.int64).min
+        self._arm(ids[known], pid[known])
+        return [d for d, k in zip(devices, known.tolist()) if k]
 
     def _arm(self, dev: np.ndarray, pid: np.ndarray) -> None:
         """Arm the silent rules of each (device, profile) seen."""

@@ -30,6 +30,13 @@ class SilentRules:
         self.latest = np.zeros(0, dtype=np.int64)
         self.n_open = 0
 
+    def forget(self, device: np.ndarray) -> None:
+        """Drop the state of ``device`` (ids below ``len(latest)``): as if never seen."""
+        self.n_open -= int(self.open[device].sum())
+        self.armed[device] = False
+        self.open[device] = False
+        self.latest[device] = _MIN
+
     def grow(self, n_devices: int) -> None:
         if n_devices <= len(self.latest):
             return

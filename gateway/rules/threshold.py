@@ -67,6 +67,20 @@ class ThresholdRules:
         self.run_t = np.zeros(0, dtype=_I64)  # start of that run
         self.busy = np.zeros(0, dtype=bool)  # per device: some rule open or running
 
+    def forget(self, device: np.ndarray) -> None:
+        """Drop the state of ``device`` (ids below ``len(busy)``): as if never seen."""
+        slots = (device[:, None] * self.n_rules + np.arange(self.n_rules)).ravel()
+        self.open[slots] = False
+        self.run[slots] = False
+        self.run_t[slots] = 0
+        self.busy[device] = False
+
+    def reset_open(self, device: np.ndarray) -> None:
+        """Mark every rule of ``device`` closed, keeping the runs (``busy`` follows them)."""
+        slots = (device[:, None] * self.n_rules + np.arange(self.n_rules)).ravel()
+        self.open[slots] = False
+        self.busy[device] = self.run[slots].reshape(-1, self.n_rules).any(axis=1)
+
     def grow(self, n_devices: int) -> None:
         if n_devices <= len(self.busy):
             return

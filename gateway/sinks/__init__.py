@@ -68,7 +68,10 @@ class History:
     flags, ``(device, metric, t, value)``; ``numeric_ref``: the latest one without
     OUT_OF_RANGE, SPIKE or NOT_FINITE; ``waveform``: per (device, metric) the latest block,
     ``(device, metric, t0, duration_ms)``; ``latest``: per device the latest reading time of
-    any kind; ``open_alerts``: the episodes still active.
+    any kind; ``open_alerts``: the episodes still active; ``recent``: the readings without
+    OUT_OF_RANGE, SPIKE or NOT_FINITE of each numeric pair within ``runs_ms`` of its latest
+    reading, ``(device, metric, t, value)`` in the order they were stored (the threshold
+    rules' runs in progress are rebuilt from them).
     """
 
     numeric: list[tuple[str, str, int, float]] = field(default_factory=list)
@@ -76,6 +79,7 @@ class History:
     waveform: list[tuple[str, str, int, float]] = field(default_factory=list)
     latest: dict[str, int] = field(default_factory=dict)
     open_alerts: list[OpenEpisode] = field(default_factory=list)
+    recent: list[tuple[str, str, int, float]] = field(default_factory=list)
 
 
 class Sink(Protocol):
@@ -99,10 +103,12 @@ class StateStore(Protocol):
         """The (device_id, payload_sha256) pairs among ``keys`` that are already stored, with their ingest ids."""
 
     async def history(
-        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()
+        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = (),
+        *, runs_ms: int = 0,
     ) -> History:
-        """What is stored about ``devices`` (see ``History``): their open alert episodes, and
-        the latest rows of the (device, metric) pairs ``numeric`` and ``waveform``."""
+        """What is stored about ``devices`` (see ``History``): their open alert episodes, the
+        latest rows of the (device, metric) pairs ``numeric`` and ``waveform``, and with
+        ``runs_ms`` the recent readings of the ``numeric`` pairs."""
 
     async def recent(self, horizon_s: float) -> dict[str, tuple[str, int]]:
         """Per device with a stored reading newer than ``horizon_s`` seconds: the profile of

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import asyncpg
 import numpy as np
@@ -34,7 +34,11 @@ from gateway.sinks.records import write_alerts, write_audit
 from gateway.sinks.rollups import prepare_connection, write_rollups
 from gateway.sinks.schema import migrate
 
-__all__ = ["TimescaleSink"]
+__all__ = ["TimescaleSink", "Fence"]
+
+# Runs first in every commit transaction; may leave envelopes, rejects and alerts out of
+# the batch (cluster mode: those of partitions this process no longer owns).
+Fence = Callable[[asyncpg.Connection, WriteBatch], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class TimescaleSink:
         self._run_migrations = run_migrations
         self._hl7_outbox = hl7_outbox  # alarm messages of associated devices, with their alerts rows
         self._pool: asyncpg.Pool | None = None
+        self.fence: Fence | None = None
 
     async def start(self) -> None:
         try:
@@ -142,13 +147,15 @@ class TimescaleSink:
         return await reads.known(self._require_pool(), keys) if keys else {}
 
     async def history(
-        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = ()
+        self, devices: list[str], numeric: Sequence[tuple[str, str]] = (), waveform: Sequence[tuple[str, str]] = (),
+        *, runs_ms: int = 0,
     ) -> History:
         """The open alert episodes of ``devices`` and the latest stored rows of the given
-        (device, metric) pairs, numeric and waveform (one query per kind, whole batch)."""
+        (device, metric) pairs, numeric and waveform (one query per kind, whole batch), and
+        with ``runs_ms`` the numeric pairs' readings within that long before their latest."""
         if not devices:
             return History()
-        return await reads.history(self._require_pool(), devices, numeric, waveform)
+        return await reads.history(self._require_pool(), devices, numeric, waveform, runs_ms=runs_ms)
 
     async def recent(self, horizon_s: float) -> dict[str, tuple[str, int]]:
         """Per device that reported within the last ``horizon_s`` seconds: the profile of its
@@ -159,6 +166,8 @@ class TimescaleSink:
         pool = self._require_pool()
         try:
             async with connection(pool) as conn, conn.transaction():
+                if self.fence is not None:
+                    await self.fence(conn, batch)
                 ids = await self._write_ingests(conn, batch)
                 if any(i is not None for i in ids):
                     await self._copy_readings(conn, batch, ids)

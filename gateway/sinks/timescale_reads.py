@@ -3,8 +3,9 @@
 ``known`` answers which (device, payload SHA-256) pairs are already in ``ingests``;
 ``history`` reads back what the checks and alert rules kept in memory before a restart
 (PROTOCOL section 3: ``prev`` and ``ref`` per device and metric, the latest waveform block,
-the open alert episodes); ``recent`` lists the devices that reported within a horizon, so
-their ``silent`` rules are armed at start. Flag masks in the SQL come from ``gateway.model.Flag``.
+the open alert episodes, with ``runs_ms`` the readings of the threshold rules' runs in
+progress); ``recent`` lists the devices that reported within a horizon, so they are taken on
+(restored, ``silent`` rules armed) at start or when their partition is taken over. Flag masks in the SQL come from ``gateway.model.Flag``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ CROSS JOIN LATERAL (
     WHERE device_id = u.d AND metric = u.m AND time > now() - interval '{HISTORY_WINDOW}'
     ORDER BY time DESC, (flags & {_OUT_OF_ORDER}), ingest_id LIMIT 1) AS x
 """
+# The readings that may belong to a threshold rule's run in progress: per pair, those within
+# ``runs_ms`` of the pair's latest reading (found as in _LATEST_READINGS), artifacts left out
+# as the rules leave them out, in the order they were stored (ingest id, then time).
+_RUN_READINGS = f"""
+SELECT u.d, u.m, {_MS} AS t, r.value
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(d, m, latest)
+JOIN readings r ON r.device_id = u.d AND r.metric = u.m
+    AND r.time >= to_timestamp((u.latest - $4::bigint) / 1000.0) AND r.time <= to_timestamp(u.latest / 1000.0)
+WHERE (r.flags & {int(ARTIFACT_FLAGS)}) = 0
+ORDER BY r.ingest_id, r.time
+"""
 _OPEN_ALERTS = """
 SELECT device_id, rule, metric, priority, (extract(epoch FROM opened_at) * 1000)::bigint AS opened_at, trigger_value
 FROM alerts
@@ -108,7 +120,8 @@ async def known(pool: asyncpg.Pool, keys: list[tuple[str, bytes]]) -> dict[tuple
 
 
 async def history(
-    pool: asyncpg.Pool, devices: list[str], numeric: Sequence[tuple[str, str]], waveform: Sequence[tuple[str, str]]
+    pool: asyncpg.Pool, devices: list[str], numeric: Sequence[tuple[str, str]], waveform: Sequence[tuple[str, str]],
+    *, runs_ms: int = 0,
 ) -> History:
     """See ``TimescaleSink.history``: one query per kind, for the whole batch."""
     out = History()
@@ -116,11 +129,14 @@ async def history(
         return out
     try:
         async with connection(pool) as conn:
-            num = ref = wav = []
+            num = ref = wav = recent = []
             if numeric:
                 nd, nm = [k[0] for k in numeric], [k[1] for k in numeric]
                 num = await conn.fetch(_LATEST_READINGS, nd, nm)
                 ref = await conn.fetch(_LATEST_REFS, nd, nm)
+                if runs_ms > 0 and num:
+                    recent = await conn.fetch(_RUN_READINGS, [r[0] for r in num], [r[1] for r in num],
+                                              [int(r[2]) for r in num], runs_ms)
             if waveform:
                 wav = await conn.fetch(_LATEST_BLOCKS, [k[0] for k in waveform], [k[1] for k in waveform])
             alerts = await conn.fetch(_OPEN_ALERTS, devices)
@@ -129,6 +145,7 @@ async def history(
     out.numeric = [(r[0], r[1], int(r[2]), float(r[3])) for r in num]
     out.numeric_ref = [(r[0], r[1], int(r[2]), float(r[3])) for r in ref]
     out.waveform = [(r[0], r[1], int(r[2]), float(r[3])) for r in wav]
+    out.recent = [(r[0], r[1], int(r[2]), float(r[3])) for r in recent]
     # The latest reading of any kind is the latest of the per-metric latest ones.
     latest = out.latest
     for d, _, t, _ in out.numeric + out.waveform:

@@ -149,9 +149,10 @@ class SourceKind:
 
 
 # After the protocols above, which the source modules import from this package.
-from gateway.sources import http, mqtt  # noqa: E402
+from gateway.sources import http, mqtt, nats  # noqa: E402
 
 SOURCES: dict[str, SourceKind] = {
     "mqtt": SourceKind(mqtt.build),
+    "nats": SourceKind(nats.build),
     "http": SourceKind(http.build, needs_registry=True),
 }

@@ -18,6 +18,7 @@ Modules:
     waits: ``wait_for`` / ``await_for``, polling a condition with a deadline.
     netns: ``Netns``, a network namespace with veth links to the root namespace that a
         test black-holes (link down, no reset), to run the gateway behind a failing network.
+    nats: ``NatsCluster``, throwaway nats-server nodes (JetStream, MQTT) from the venv.
 """
 
 from .gateway import PROFILES, REPO, CliError, GatewayExited, GatewayProcess, vitalgate
@@ -26,6 +27,7 @@ from .sampler import (
     scrape_metrics, tree_cpu_seconds,
 )
 from .https import ClientCA, HttpsGateway
+from .nats import NatsCluster, NetHosts
 from .netns import Netns
 from .replication import StandbyCluster
 from .services import Mosquitto, MqttTls, PostgresCluster, ServiceError, device_acl, free_port, write_password_file
@@ -33,7 +35,7 @@ from .waits import await_for, wait_for
 
 __all__ = [
     "PROFILES", "REPO", "CliError", "ClientCA", "HttpsGateway", "GatewayExited", "GatewayProcess", "Mosquitto",
-    "MqttTls", "Netns", "PostgresCluster",
+    "MqttTls", "NatsCluster", "Netns", "NetHosts", "PostgresCluster",
     "ServiceError", "StandbyCluster", "await_for", "children", "cpu_seconds", "descendants", "device_acl", "free_port",
     "machine_busy_seconds", "metric_sum", "parent", "pid_alive", "rss_bytes", "rss_mib", "scrape_metrics",
     "tree_cpu_seconds", "vitalgate", "wait_for", "write_password_file",

@@ -41,13 +41,14 @@ def _clean_env() -> dict[str, str]:
 
 
 def vitalgate(database_url: str, *args: str, stdin: str | None = None, timeout: float = 300.0,
-              profiles_dir: Path = PROFILES) -> str:
+              profiles_dir: Path = PROFILES, env: Mapping[str, str] | None = None) -> str:
     """Run ``vitalgate ARGS`` (``db migrate``, ``devices import``, ``keys add`` ...); return stdout.
 
     Raises:
         CliError: The command exited with a non-zero code.
     """
-    env = {**_clean_env(), "VITALGATE_DATABASE_URL": database_url, "VITALGATE_PROFILES_DIR": str(profiles_dir)}
+    env = {**_clean_env(), "VITALGATE_DATABASE_URL": database_url, "VITALGATE_PROFILES_DIR": str(profiles_dir),
+           **(env or {})}
     r = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env, capture_output=True, text=True,
                        input=stdin, timeout=timeout)
     if r.returncode != 0:
@@ -69,12 +70,15 @@ class GatewayProcess:
         python_args: Interpreter arguments before ``-m gateway`` (``["-m", "cProfile", "-o", FILE]``).
         ready_line: The log line that says the gateway accepts input.
         subscriptions: How many ``ready_line`` lines ``start()`` waits for: one per worker.
+        command_prefix: Run the gateway under this command (``["ip", "netns", "exec", NAME]``:
+            on a host of its own); it must exec the gateway, so the pid stays the gateway's.
     """
 
     def __init__(self, log_path: Path, *, database_url: str, mqtt_url: str = "mqtt://127.0.0.1:1",
                  client_id: str = "vitalgate-test", gateway_id: str = "test-gw", profiles_dir: Path | str = PROFILES,
                  metrics_port: int | None = None, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
-                 python_args: Sequence[str] = (), ready_line: str = "Subscribed.", subscriptions: int = 1) -> None:
+                 python_args: Sequence[str] = (), ready_line: str = "Subscribed.", subscriptions: int = 1,
+                 command_prefix: Sequence[str] = ()) -> None:
         self.log_path = Path(log_path)
         self.metrics_port = free_port() if metrics_port is None else metrics_port
         self.env = {
@@ -93,6 +97,7 @@ class GatewayProcess:
         }
         self.args = list(args)
         self.python_args = list(python_args)
+        self.command_prefix = list(command_prefix)
         self.ready_line = ready_line
         self.subscriptions = subscriptions
         self.proc: subprocess.Popen[bytes] | None = None
@@ -106,7 +111,7 @@ class GatewayProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._mark = log.tell()
-            self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "gateway", "run", *self.args],
+            self.proc = subprocess.Popen([*self.command_prefix, sys.executable, *self.python_args, "-m", "gateway", "run", *self.args],
                                          cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
         self.starts += 1

@@ -75,7 +75,8 @@ def test_restore_leaves_devices_with_state_and_unknown_rules_alone() -> None:
 
 def test_arming_at_restore_opens_silent_at_latest_plus_after_s_without_a_reading() -> None:
     engine = AlertEngine(PROFILES)
-    engine.restore([], {"po-r6": T0 + 10_000, "po-r7": T0 + 20_000}, arm={"po-r6": PO, "po-r8": PO})
+    engine.restore([], {"po-r6": T0 + 10_000, "po-r7": T0 + 20_000})
+    assert engine.arm(["po-r6", "po-r8"], [PO, PO]) == ["po-r6"]
     assert engine.next_deadline() == T0 + 40_000  # po-r7 is not armed; po-r8 has no latest reading
     events = engine.tick(T0 + 100_000)
     assert [(e.event, e.device_id, e.rule, e.at) for e in events] == [("open", "po-r6", "probe_silent", T0 + 40_000)]
@@ -85,7 +86,37 @@ def test_arming_at_restore_opens_silent_at_latest_plus_after_s_without_a_reading
 
 def test_arming_leaves_a_restored_open_silent_episode_open_once() -> None:
     engine = AlertEngine(PROFILES)
-    engine.restore([opened("probe_silent", device="po-r9", at_s=40, value=None)], {"po-r9": T0 + 10_000},
-                   arm={"po-r9": PO})
+    engine.restore([opened("probe_silent", device="po-r9", at_s=40, value=None)], {"po-r9": T0 + 10_000})
+    assert engine.arm(["po-r9"], [PO]) == ["po-r9"]
     assert engine.tick(T0 + 100_000) == []  # already open: no second episode
     assert [e.rule for e in engine.active()] == ["probe_silent"]
+
+
+def test_a_run_in_progress_is_rebuilt_from_the_recent_readings_and_opens_when_it_would_have() -> None:
+    whole = AlertEngine(PROFILES)
+    opened_at = [e.at for e in run(whole, [spo2(i, 88, device="po-r6") for i in range(15)]) if e.event == "open"]
+    assert opened_at == [T0 + 10_000]
+    engine = AlertEngine(PROFILES)
+    assert engine.run_window_ms >= 10_000
+    recent = [("po-r6", PO, "spo2", T0 + i * 1000, 88.0) for i in range(6)]  # stored before the hand-over
+    assert engine.restore([], {"po-r6": T0 + 5000}, recent) == []
+    assert engine.active() == []  # a run is no episode
+    events = run(engine, [spo2(i, 88, device="po-r6") for i in range(6, 15)])
+    assert [(e.event, e.at) for e in events] == [("open", T0 + 10_000)]
+
+
+def test_a_broken_run_is_not_rebuilt_and_stored_episodes_decide_what_is_open() -> None:
+    engine = AlertEngine(PROFILES)
+    recent = [("po-r7", PO, "spo2", T0 + i * 1000, 88.0 if i != 3 else 97.0) for i in range(12)]
+    engine.restore([], {"po-r7": T0 + 11_000}, recent)  # this window alone would open at 14 s ...
+    assert engine.active() == []  # ... but storage has no open episode: none is invented
+    events = run(engine, [spo2(i, 88, device="po-r7") for i in range(12, 15)])
+    assert [(e.event, e.at) for e in events] == [("open", T0 + 14_000)]  # the run began at 4 s
+
+
+def test_a_device_taken_on_before_its_next_reading_is_armed_from_its_stored_latest() -> None:
+    engine = AlertEngine(PROFILES)
+    engine.restore([], {"po-r8": T0 + 10_000})
+    assert engine.arm(["po-r8", "po-unknown"], [PO, PO]) == ["po-r8"]  # no latest: nothing to count from
+    assert engine.next_deadline() == T0 + 40_000
+    assert [(e.rule, e.at) for e in engine.tick(T0 + 40_001)] == [("probe_silent", T0 + 40_000)]

@@ -28,7 +28,7 @@ def context(registry: object | None, workers: int = 1) -> SourceContext:
 
 async def test_every_source_is_a_config_section_and_builds_a_source():
     cfg = GatewayConfig()
-    assert list(SOURCES) == ["mqtt", "http"]
+    assert list(SOURCES) == ["mqtt", "nats", "http"]
     for name, kind in SOURCES.items():
         section = getattr(cfg, name)
         assert isinstance(section.enabled, bool), f"{name}: its section needs 'enabled'"
@@ -47,7 +47,7 @@ async def test_all_sources_off_is_refused_naming_each():
 
     from gateway.config import HttpConfig, MqttConfig
 
-    with pytest.raises(ValueError, match="mqtt.enabled and http.enabled are all false"):
+    with pytest.raises(ValueError, match="mqtt.enabled and nats.enabled and http.enabled are all false"):
         GatewayConfig(mqtt=msgspec.structs.replace(MqttConfig(), enabled=False), http=HttpConfig(enabled=False))
 
 
