@@ -34,7 +34,7 @@ import tests.fuzz.conftest as fuzz_report
 from tests.fuzz.conftest import EXAMPLES, FUZZ, OUTCOMES
 from tests.fuzz.strategies import CORPUS, FIELD_ROOTS, PROFILE, T0, hostile_payload, mutated_payload
 from tests.harness import PostgresCluster
-from tests.integration.https_support import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli
 
 pytestmark = pytest.mark.integration
 
