@@ -1,7 +1,7 @@
 """Hostile bodies through the real HTTPS endpoint, over TLS, into a real database.
 
 The fuzz strategies (tests/fuzz/strategies.py) drive ``POST /v1/telemetry`` of a running
-gateway (TLS, registration required, a throwaway database; tests/integration/https_support.py),
+gateway (TLS, registration required, a throwaway database; tests/harness/https.py),
 each body sent as it is or inside an array beside a valid envelope, with a device's token,
 over one keep-alive connection. Every answer must be:
 - 202, each result ``stored`` or ``duplicate`` with an ingest id whose rows are in the
@@ -34,7 +34,7 @@ import tests.fuzz.conftest as fuzz_report
 from tests.fuzz.conftest import EXAMPLES, FUZZ, OUTCOMES
 from tests.fuzz.strategies import CORPUS, FIELD_ROOTS, PROFILE, T0, hostile_payload, mutated_payload
 from tests.harness import PostgresCluster
-from tests.integration.https_support import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli
 
 pytestmark = pytest.mark.integration
 
