@@ -18,7 +18,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.metrics": (),
     "gateway.retry": (),
     "gateway.profiles": ("gateway.model", "gateway.errors"),
-    "gateway.config": ("gateway.model", "gateway.errors"),
+    "gateway.config": ("gateway.config", "gateway.model", "gateway.errors"),
     "gateway.registry": ("gateway.model", "gateway.errors", "gateway.config", "gateway.retry"),
     "gateway.registry_store": ("gateway.registry", "gateway.errors"),
     "gateway.registry_import": ("gateway.model",),
