@@ -39,6 +39,11 @@ READ_OPERATIONS = {"GET /v1/devices", "GET /v1/latest", "GET /v1/readings", "GET
                    "GET /v1/stream"}
 FHIR_OPERATIONS = {"GET /fhir/r4/metadata", "GET /fhir/r4/Observation", "GET /fhir/r4/Observation/{id}",
                    "GET /fhir/r4/Device/{id}", "GET /fhir/r4/Provenance/{id}"}
+# Operations whose valid requests depend on several parameters together, which OpenAPI cannot
+# state: a FHIR search takes exactly one of patient, subject and device. Generated requests
+# mostly miss that, so the handler's 400 (an OperationOutcome naming the parameter) is what
+# shows they got past authentication.
+CROSS_FIELD = {"GET /fhir/r4/Observation"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 
@@ -113,5 +118,8 @@ def test_served_document_holds_for_generated_requests(gw: HttpsGateway, mode: Ge
         assert seen["GET /v1/status"] == {200}
         assert seen["POST /v1/telemetry"] & {400, 403}
         for label in READ_OPERATIONS | FHIR_OPERATIONS:
-            assert seen[label] & {200, 201, 404, 409}, (label, seen[label])
+            reached = {200, 201, 404, 409}
+            if label in CROSS_FIELD:  # a 400 there is the handler's answer (the key was accepted)
+                reached.add(400)
+            assert seen[label] & reached, (label, seen[label])
     assert gw.proc is not None and "Request failed unexpectedly" not in gw.proc.log_text()
