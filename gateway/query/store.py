@@ -59,11 +59,24 @@ def _where(wins: Windows, first: int, alias: str, column: str) -> tuple[str, lis
     return "(" + (" OR ".join(terms) or "false") + ")", args
 
 
+def _with_held(table: str, columns: str, where: str) -> str:
+    """``table`` and its held rows (the rows of ``<table>_all``), filtered inside each branch.
+
+    Not the view itself: through the view's UNION ALL, TimescaleDB cannot exclude chunks
+    while planning, and planning a one-hour read of ``readings`` over 240 hourly chunks took
+    80-150 ms instead of 2-3 ms (chunks were still excluded at run time).
+    """
+    return (f"(SELECT {columns} FROM {table} r WHERE {where}"
+            f" UNION ALL SELECT {columns} FROM {table}_held r WHERE {where}) r")
+
+
+_R_COLUMNS = "r.time, r.device_id, r.metric, r.value, r.flags, r.ingest_id"
+_W_COLUMNS = "r.time, r.device_id, r.metric, r.hz, r.samples, r.flags, r.ingest_id"
+
+_RAW_AFTER = f"($2::bigint IS NULL OR (r.time, r.device_id, r.metric, r.ingest_id) >= ({_e('$2::bigint')}, $3, $4, $5))"
 _READINGS = f"""
 SELECT r.device_id, r.metric, {_ms('r.time')} AS t, r.value, r.flags, r.ingest_id
-FROM readings_all r
-WHERE {{wins}} AND ($1::text IS NULL OR r.metric = $1) AND {{flags}}
-  AND ($2::bigint IS NULL OR (r.time, r.device_id, r.metric, r.ingest_id) >= ({_e('$2::bigint')}, $3, $4, $5))
+FROM {_with_held("readings", _R_COLUMNS, "{wins} AND ($1::text IS NULL OR r.metric = $1) AND {flags} AND " + _RAW_AFTER)}
 ORDER BY r.time, r.device_id, r.metric, r.ingest_id, r.value, r.flags
 LIMIT $6
 """
@@ -91,8 +104,7 @@ minutes AS (
 _EDGES = f"""UNION ALL
     SELECT r.device_id, r.metric, time_bucket(interval '1 minute', r.time),
            min(r.value), max(r.value), sum(r.value), count(*)
-    FROM readings_all r
-    WHERE {{raw}} AND {{metric}} AND {{flags}} AND r.time >= {_e('$3::bigint')}
+    FROM {_with_held("readings", _R_COLUMNS, "{raw} AND {metric} AND {flags} AND r.time >= " + _e('$3::bigint'))}
     GROUP BY 1, 2, 3"""
 
 # One minute: the minutes as they are, read in the rollups' key order.
@@ -123,8 +135,7 @@ _BY_RAW = f"""
 WITH buckets AS (
     SELECT r.device_id, r.metric, time_bucket($2::interval, r.time) AS t,
            min(r.value) AS min, max(r.value) AS max, avg(r.value) AS avg, count(*) AS count
-    FROM readings_all r
-    WHERE {{raw}} AND {{metric}} AND {{flags}} AND r.time >= {_e('$3::bigint')}
+    FROM {_with_held("readings", _R_COLUMNS, "{raw} AND {metric} AND {flags} AND r.time >= " + _e('$3::bigint'))}
     GROUP BY 1, 2, 3
 )
 SELECT device_id, metric, {_ms('t')} AS t, min, max, avg, count
@@ -134,11 +145,9 @@ LIMIT $6
 """
 
 _WAVEFORMS = f"""
-SELECT b.device_id, b.metric, {_ms('b.time')} AS t, b.hz, b.samples, b.flags, b.ingest_id
-FROM waveform_blocks_all b
-WHERE {{wins}} AND ($1::text IS NULL OR b.metric = $1)
-  AND ($2::bigint IS NULL OR (b.time, b.device_id, b.metric, b.ingest_id) >= ({_e('$2::bigint')}, $3, $4, $5))
-ORDER BY b.time, b.device_id, b.metric, b.ingest_id, b.flags, b.hz
+SELECT r.device_id, r.metric, {_ms("r.time")} AS t, r.hz, r.samples, r.flags, r.ingest_id
+FROM {_with_held("waveform_blocks", _W_COLUMNS, "{wins} AND ($1::text IS NULL OR r.metric = $1) AND " + _RAW_AFTER)}
+ORDER BY r.time, r.device_id, r.metric, r.ingest_id, r.flags, r.hz
 LIMIT $6
 """
 
@@ -263,7 +272,7 @@ class ReadStore:
     async def waveforms(self, wins: Windows, *, metric: str | None, limit: int,
                         cursor: tuple[list[Any], int] | None) -> Page:
         key, skip = cursor if cursor else ([None, None, None, None], 0)
-        where, args = _where(wins, 7, "b", "time")
+        where, args = _where(wins, 7, "r", "time")
         rows = await self.pool.fetch(_WAVEFORMS.format(wins=where), metric, *key, limit + skip + 1, *args)
         return page(rows, key if cursor else None, skip, limit, lambda r: [r[2], r[0], r[1], r[6]])
 
