@@ -11,8 +11,13 @@ unique key (one envelope may repeat a timestamp), so their cursor also counts ho
 rows of the last key were already returned.
 
 Buckets of whole minutes read the rollups (``readings_1m``) for the whole minutes of each
-window and ``readings`` only for the partial minutes at its edges, so a bucketed answer
-equals the same aggregate over ``readings`` without scanning it.
+window and the readings only for the partial minutes at its edges, so a bucketed answer
+equals the same aggregate over the readings without scanning them.
+
+Readings and waveform blocks are read together with the rows legal holds kept
+(``readings_held``, ``waveform_blocks_held``: what the views ``readings_all`` and
+``waveform_blocks_all`` union), so held rows stay readable after retention dropped their
+chunk. ``readings_1m`` is not under retention, so whole minutes need no held counterpart.
 """
 
 from __future__ import annotations
