@@ -9,6 +9,7 @@ patient within its own association window.
 from __future__ import annotations
 
 import time
+from itertools import starmap
 from typing import Any
 
 from aiohttp import web
@@ -155,9 +156,8 @@ async def get_readings(request: web.Request) -> web.StreamResponse:
             Reading(device_id=r[0], metric=r[1], t=int(r[2]), value=float(r[3]), flags=int(r[4])) for r in p.rows
         ], next_cursor=_next(route, p)))
     p = await db(read.store.buckets(wins, metric=metric, bucket_ms=bucket, flags=flags, limit=limit, cursor=cursor))
-    return json_response(200, ReadingsResponse(buckets=[
-        Bucket(device_id=r[0], metric=r[1], t=int(r[2]), min=r[3], max=r[4], avg=r[5], count=r[6]) for r in p.rows
-    ], next_cursor=_next(route, p)))
+    # rows are (device_id, metric, t, min, max, avg, count), Bucket's fields in order
+    return json_response(200, ReadingsResponse(buckets=list(starmap(Bucket, p.rows)), next_cursor=_next(route, p)))
 
 
 @_read("getWaveforms", "/v1/waveforms", "Waveform blocks of a device or patient in a window",

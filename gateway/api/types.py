@@ -75,7 +75,10 @@ class Reading(msgspec.Struct, kw_only=True):
     flags: int
 
 
-class Bucket(msgspec.Struct, kw_only=True):
+class Bucket(msgspec.Struct, gc=False):
+    """Positional, in the read's column order, and untracked by the garbage collector (no
+    references to other objects): a 30-day answer in minutes builds 43,200 of them."""
+
     device_id: str
     metric: str
     t: int  # bucket start
