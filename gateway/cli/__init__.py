@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_parser(sub)
     export.add_parser(sub)
     cluster.add_parser(sub)
-    from gateway.query.cli import add_parsers as add_association_parsers
-
-    add_association_parsers(sub)
+    associations.add_parsers(sub)
     return parser
 
 

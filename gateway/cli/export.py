@@ -24,7 +24,7 @@ from gateway.fhir.observations import observations, plan
 from gateway.fhir.search import SearchError, parse_codes
 from gateway.model import DEVICE_ID_PATTERN
 from gateway.profiles import load_profiles
-from gateway.query.cli import parse_time
+from gateway.cli.associations import parse_time
 
 __all__ = ["add_parser"]
 

@@ -10,21 +10,18 @@ start), nothing changed; 2 invalid arguments or configuration, or no database.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
-import os
 import re
 import sys
 import uuid
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import orjson
 
+from gateway.cli.common import Refused, add_config_option, connect, load_config, say
+from gateway.cli.registry_common import _actor
 from gateway.model import DEVICE_ID_PATTERN
-
-from . import associations as store
+from gateway.query import associations as store
 
 __all__ = ["add_parsers", "parse_time"]
 
@@ -58,54 +55,31 @@ def _ref(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
 
 
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):
-        return f"cli:uid{os.getuid()}"
-
-
-def _run(args: argparse.Namespace) -> int:
-    from gateway.config import load
-
-    prog = f"vitalgate {args.command}"
-    cfg = load(args.config)
+def _run(args: argparse.Namespace) -> object:
+    cfg = load_config(args)
     at = args.at if args.at is not None else int(datetime.now().timestamp() * 1000)
 
-    async def main() -> store.Association:
-        conn = await asyncpg.connect(cfg.database.url, timeout=cfg.database.connect_timeout_s)
-        try:
-            if args.command == "associate":
-                return await store.associate(conn, args.device, args.patient, args.location, at, actor=_actor(),
-                                             correlation_id=uuid.uuid4().hex)
-            return await store.dissociate(conn, args.device, at, actor=_actor(), correlation_id=uuid.uuid4().hex)
-        finally:
-            await conn.close()
+    async def change() -> None:
+        async with connect(cfg) as conn:
+            try:
+                if args.command == "associate":
+                    a = await store.associate(conn, args.device, args.patient, args.location, at, actor=_actor(),
+                                              correlation_id=uuid.uuid4().hex)
+                else:
+                    a = await store.dissociate(conn, args.device, at, actor=_actor(), correlation_id=uuid.uuid4().hex)
+            except store.AssociationRefused as exc:
+                raise Refused(exc.reason) from None
+        sys.stdout.write(orjson.dumps(a.to_dict()).decode() + "\n")
+        verb = "Associated" if args.command == "associate" else "Dissociated"
+        say(f"{verb} {a.device_id} with patient {a.patient_ref}" + (f" at {a.location}" if a.location else "")
+            + f" (association {a.id}).")
 
-    try:
-        a = asyncio.run(main())
-    except store.AssociationRefused as exc:
-        print(f"{prog}: {exc.reason}", file=sys.stderr)
-        return 1
-    except asyncpg.UndefinedTableError as exc:
-        print(f"{prog}: {exc}: run `vitalgate db migrate` first", file=sys.stderr)
-        return 2
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-            asyncpg.exceptions.TargetServerAttributeNotMatched) as exc:
-        print(f"{prog}: database: {exc or type(exc).__name__}", file=sys.stderr)
-        return 2
-    sys.stdout.write(orjson.dumps(a.to_dict()).decode() + "\n")
-    verb = "Associated" if args.command == "associate" else "Dissociated"
-    print(f"{verb} {a.device_id} with patient {a.patient_ref}" + (f" at {a.location}" if a.location else "")
-          + f" (association {a.id}).", file=sys.stderr)
-    return 0
+    return change()
 
 
 def add_parsers(subparsers: Any) -> None:
     """Register ``associate`` and ``dissociate`` on the CLI's subparsers."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", metavar="FILE",
-                        help="TOML configuration file, for database.url (default: $VITALGATE_CONFIG, else defaults)")
+    common = add_config_option(argparse.ArgumentParser(add_help=False))
     common.add_argument("--at", metavar="TIME", type=parse_time, help=_TIME_HELP)
     a = subparsers.add_parser(
         "associate", parents=[common], help="associate a device with a patient (and a bed) from a time",
@@ -115,10 +89,10 @@ def add_parsers(subparsers: Any) -> None:
     a.add_argument("device", metavar="DEVICE", type=_device)
     a.add_argument("--patient", metavar="REF", required=True, type=_ref, help="the patient's ADT identifier")
     a.add_argument("--location", metavar="BED", type=_ref, help="unit/bed, e.g. ICU-1/bed-04")
-    a.set_defaults(func=_run)
+    a.set_defaults(func=_run, prog=a.prog)
     d = subparsers.add_parser(
         "dissociate", parents=[common], help="end a device's open association",
         description="End DEVICE's open association at --at (default now). Refused when none is open or --at "
         "is not after its start. Audited.", epilog=_EXIT)
     d.add_argument("device", metavar="DEVICE", type=_device)
-    d.set_defaults(func=_run)
+    d.set_defaults(func=_run, prog=d.prog)
