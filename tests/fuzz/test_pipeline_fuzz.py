@@ -65,8 +65,11 @@ class MemoryStorage:
     async def known(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
         return {k: self.stored[k] for k in keys if k in self.stored}
 
-    async def history(self, devices, numeric=(), waveform=()) -> History:  # noqa: ANN001
+    async def history(self, devices, numeric=(), waveform=(), *, runs_ms=0) -> History:  # noqa: ANN001
         return History()
+
+    async def recent(self, horizon_s: float) -> dict[str, tuple[str, int]]:
+        return {}
 
     async def write(self, batch: WriteBatch) -> list[int | None]:
         ids: list[int | None] = []
