@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .gateway import GatewayProcess, vitalgate
-from .services import free_port
+from .services import PostgresCluster, free_port
 
-__all__ = ["ClientCA", "HttpsGateway", "cli"]
+__all__ = ["ClientCA", "HttpsGateway", "cli", "running_gateway", "UNLIMITED"]
 
 
 class ClientCA:
@@ -152,3 +156,26 @@ class HttpsGateway:
         if self.proc is not None and self.proc.alive():
             return self.proc.terminate(60)
         return None
+
+
+# Test clients post far faster than a device may: lift the per-device rate limit.
+UNLIMITED = {"VITALGATE_HTTP_RATE_LIMIT_PER_S": "10000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "10000"}
+
+
+@contextmanager
+def running_gateway(cluster: PostgresCluster, name: str, devices: Sequence[str], *, workers: int = 1,
+                    settings: Mapping[str, str] = UNLIMITED) -> Iterator[HttpsGateway]:
+    """An HTTPS gateway on a new database of ``cluster`` with ``devices`` registered, for a
+    test module; on exit it must stop with status 0 (its log tail otherwise), and the
+    database is dropped."""
+    db = f"{name}_{time.monotonic_ns() % 10**8}"
+    dsn = cluster.create_database(db)
+    g = HttpsGateway(Path(tempfile.mkdtemp(prefix=f"vitalgate-{name}-")), dsn, list(devices), workers=workers,
+                     settings=dict(settings))
+    try:
+        g.start()
+        yield g
+        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
+    finally:
+        g.stop()
+        cluster.drop_database(db)

@@ -8,12 +8,10 @@ received is validated with the FHIR R4 models (``tests.fhir.validate``).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -26,7 +24,7 @@ from gateway.fhir.mapping import LOINC, MDC
 from gateway.sources.http.api import OPERATIONS
 from tests.fhir.validate import validate
 from tests.harness import PostgresCluster
-from tests.harness.https import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -37,17 +35,8 @@ FHIR = "application/fhir+json"
 
 @pytest.fixture(scope="module")
 def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
-    name = f"fhir_{time.monotonic_ns() % 10**8}"
-    dsn = pg_cluster.create_database(name)
-    g = HttpsGateway(Path(tempfile.mkdtemp(prefix="vitalgate-fhir-")), dsn, [A, B, BP],
-                     settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "10000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "10000"})
-    try:
-        g.start()
+    with running_gateway(pg_cluster, "fhir", [A, B, BP]) as g:
         yield g
-        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
-    finally:
-        g.stop()
-        pg_cluster.drop_database(name)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

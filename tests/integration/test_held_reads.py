@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timezone
 
 import aiohttp
 import asyncpg
@@ -26,7 +24,7 @@ import pytest
 import pytest_asyncio
 
 from tests.harness import REPO, PostgresCluster
-from tests.harness.https import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -44,16 +42,8 @@ def _iso(ms: int) -> str:
 
 @pytest.fixture(scope="module")
 def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
-    name = f"held_{time.monotonic_ns() % 10**8}"
-    dsn = pg_cluster.create_database(name)
-    g = HttpsGateway(Path(tempfile.mkdtemp(prefix="vitalgate-held-")), dsn, [HELD, FREE])
-    try:
-        g.start()
+    with running_gateway(pg_cluster, "held", [HELD, FREE]) as g:
         yield g
-        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
-    finally:
-        g.stop()
-        pg_cluster.drop_database(name)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

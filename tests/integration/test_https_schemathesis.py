@@ -9,10 +9,7 @@ for a request the document says is invalid.
 
 from __future__ import annotations
 
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -28,7 +25,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.harness.https import HttpsGateway
+from tests.harness.https import UNLIMITED, HttpsGateway, running_gateway
 from tests.harness import PostgresCluster
 
 pytestmark = pytest.mark.integration
@@ -50,20 +47,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
-    name = f"https_st_{time.monotonic_ns() % 10**8}"
-    dsn = pg_cluster.create_database(name)
-    g = HttpsGateway(
-        Path(tempfile.mkdtemp(prefix="vitalgate-https-st-")), dsn, ["st-1"],
-        settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "10000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "10000",
-                  "VITALGATE_HTTP_MAX_ENVELOPES_PER_REQUEST": "20", "VITALGATE_HTTP_MAX_BODY_BYTES": "262144"},
-    )
-    try:
-        g.start()
+    settings = {**UNLIMITED, "VITALGATE_HTTP_MAX_ENVELOPES_PER_REQUEST": "20", "VITALGATE_HTTP_MAX_BODY_BYTES": "262144"}
+    with running_gateway(pg_cluster, "https_st", ["st-1"], settings=settings) as g:
         yield g
-        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
-    finally:
-        g.stop()
-        pg_cluster.drop_database(name)
 
 
 def _credential(gw: HttpsGateway, method: str, path: str) -> dict[str, str]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -23,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from tests.harness import PROFILES, REPO, PostgresCluster
-from tests.harness.https import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -35,17 +33,8 @@ _n = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def gw(pg_cluster: PostgresCluster) -> Iterator[HttpsGateway]:
-    name = f"reads_{time.monotonic_ns() % 10**8}"
-    dsn = pg_cluster.create_database(name)
-    g = HttpsGateway(Path(tempfile.mkdtemp(prefix="vitalgate-reads-")), dsn, DEVICES,
-                     settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "10000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "10000"})
-    try:
-        g.start()
+    with running_gateway(pg_cluster, "reads", DEVICES) as g:
         yield g
-        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
-    finally:
-        g.stop()
-        pg_cluster.drop_database(name)
 
 
 @pytest_asyncio.fixture(loop_scope="module")

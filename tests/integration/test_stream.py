@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.harness.https import HttpsGateway, cli
+from tests.harness.https import HttpsGateway, cli, running_gateway
 from tests.harness import PostgresCluster
 from tests.harness import wait_for
 
@@ -31,17 +29,8 @@ T0 = (int(time.time()) - 600) * 1000
 
 
 def _gateway(pg_cluster: PostgresCluster, devices: list[str], workers: int = 1) -> Iterator[HttpsGateway]:
-    name = f"stream_{workers}_{time.monotonic_ns() % 10**8}"
-    dsn = pg_cluster.create_database(name)
-    g = HttpsGateway(Path(tempfile.mkdtemp(prefix="vitalgate-stream-")), dsn, devices, workers=workers,
-                     settings={"VITALGATE_HTTP_RATE_LIMIT_PER_S": "10000", "VITALGATE_HTTP_RATE_LIMIT_BURST": "10000"})
-    try:
-        g.start()
+    with running_gateway(pg_cluster, f"stream_{workers}", devices, workers=workers) as g:
         yield g
-        assert g.stop() == 0, g.proc.log_tail() if g.proc else ""
-    finally:
-        g.stop()
-        pg_cluster.drop_database(name)
 
 
 @pytest.fixture
