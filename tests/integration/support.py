@@ -8,6 +8,7 @@ services come from ``tests.harness``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -155,3 +156,20 @@ def encode(env: dict, i: int) -> bytes:
 
 def topic(env: dict) -> str:
     return f"devices/{env['device_id']}/telemetry"
+
+
+def cli_in_thread(capsys):  # noqa: ANN001, ANN201 - pytest's capture fixture; an async callable
+    """``await run(*argv)`` runs ``vitalgate ARGV`` in this process (off the test's event loop)
+    and returns ``(exit status, stdout, stderr)``; argparse's exits count as statuses."""
+    from gateway.cli import main
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            rc = await asyncio.to_thread(main, list(argv))
+        except SystemExit as exc:  # argparse
+            rc = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run

@@ -17,8 +17,8 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway.cli import main
 from gateway.registry import Registry
+from tests.integration.support import cli_in_thread
 from tests.harness import PROFILES, await_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -33,16 +33,7 @@ def cli(db_dsn, monkeypatch, capsys):
     monkeypatch.setenv("VITALGATE_DATABASE_URL", db_dsn)
     monkeypatch.setenv("VITALGATE_PROFILES_DIR", str(PROFILES))
 
-    async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            rc = await asyncio.to_thread(main, list(argv))
-        except SystemExit as exc:  # argparse
-            rc = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
+    return cli_in_thread(capsys)
 
 
 async def _migrated(cli) -> None:  # noqa: ANN001

@@ -22,6 +22,7 @@ import pytest
 from gateway.cli import main
 from gateway.retention import LOCK_KEY
 from gateway.sinks.schema import migrate
+from tests.integration.support import cli_in_thread
 from tests.harness import await_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -46,16 +47,7 @@ def cli(db_dsn, monkeypatch, capsys):
     for table in ("READINGS", "WAVEFORM_BLOCKS", "INGESTS", "REJECTED"):
         monkeypatch.setenv(f"VITALGATE_RETENTION_{table}_DAYS", "7")
 
-    async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            rc = await asyncio.to_thread(main, list(argv))
-        except SystemExit as exc:  # argparse
-            rc = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
+    return cli_in_thread(capsys)
 
 
 async def _seed(dsn: str) -> datetime:
